@@ -1,0 +1,53 @@
+"""Shared field types and their limits (CONTRACT.md, "Every HTTP service")."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+AMOUNT_MIN: Final = 1
+AMOUNT_MAX: Final = 10**15
+ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
+UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+YEAR_MIN: Final = 2000
+YEAR_MAX: Final = 2100
+NAME_LENGTH_MAX: Final = 200
+BENEFICIARY_LENGTH_MAX: Final = 128
+REASON_LENGTH_MAX: Final = 500
+INVOICE_NUMBER_LENGTH_MAX: Final = 64
+PROVIDERS_PER_LIST_MAX: Final = 100
+CITIES_PER_PROVIDER_MAX: Final = 1000
+SUBSIDY_RATIO_BP_MAX: Final = 10_000
+BATCH_MINT_MAX: Final = 1000
+
+Amount = Annotated[int, Meta(ge=AMOUNT_MIN, le=AMOUNT_MAX, description="Money in minor units (fen for CNY)")]
+# Balances and totals in responses: may be zero, and totals over many vouchers may exceed one amount's bound.
+Total = Annotated[int, Meta(description="Money in minor units (fen for CNY)")]
+CityId = Annotated[str, Meta(pattern=ID_PATTERN, description="City id")]
+ProviderId = Annotated[str, Meta(pattern=ID_PATTERN, description="Compute provider id")]
+Year = Annotated[int, Meta(ge=YEAR_MIN, le=YEAR_MAX, description="Fiscal year")]
+Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="A lowercase UUID")]
+Name = Annotated[str, Meta(min_length=1, max_length=NAME_LENGTH_MAX)]
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+Beneficiary = Annotated[
+    str,
+    Meta(min_length=1, max_length=BENEFICIARY_LENGTH_MAX, pattern=r"^[^\s\x00-\x1f].*$",
+         description="The enterprise that receives the voucher (e.g. its unified social credit code)"),
+]
+InvoiceNumber = Annotated[str, Meta(min_length=1, max_length=INVOICE_NUMBER_LENGTH_MAX, pattern=r"^[\x21-\x7e]+$")]
+Reason = Annotated[str, Meta(min_length=1, max_length=REASON_LENGTH_MAX)]
+Timestamp = Annotated[dt.datetime, Meta(tz=True, description="RFC 3339 with offset")]
+SubsidyRatioBp = Annotated[int, Meta(ge=1, le=SUBSIDY_RATIO_BP_MAX, description="Share of an invoice covered, in basis points")]
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details; `code` is stable and machine-readable."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    field: str | None = None

@@ -1,0 +1,88 @@
+"""Issuing service requests and responses (government side)."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from .common import (
+    BATCH_MINT_MAX, CITIES_PER_PROVIDER_MAX, PROVIDERS_PER_LIST_MAX, Amount, Beneficiary, CityId, Currency, Name,
+    ProviderId, Reason, SubsidyRatioBp, Timestamp, Total, Uuid, Year,
+)
+from .events import VoucherKind, YearEnd
+
+
+class CityIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Name
+    currency: Currency = "CNY"
+
+
+class City(msgspec.Struct, kw_only=True):
+    city: CityId
+    name: Name
+    currency: Currency
+
+
+class BudgetIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    amount: Amount
+    enterprise_cap: Amount | None = None
+    year_end: YearEnd = "lapse"
+
+
+class Budget(msgspec.Struct, kw_only=True):
+    city: CityId
+    year: Year
+    amount: Total
+    committed: Total
+    available: Total
+    enterprise_cap: Total | None
+    year_end: YearEnd
+
+
+class ProviderIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Name
+    cities: Annotated[list[CityId], Meta(max_length=CITIES_PER_PROVIDER_MAX)]
+
+
+class Provider(msgspec.Struct, kw_only=True):
+    provider: ProviderId
+    name: Name
+    cities: list[CityId]
+
+
+class MintIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    city: CityId
+    year: Year
+    beneficiary: Beneficiary
+    amount: Amount
+    expires_at: Timestamp
+    kind: VoucherKind = "compute"
+    subsidy_ratio_bp: SubsidyRatioBp = 10_000
+    providers: Annotated[list[ProviderId], Meta(min_length=1, max_length=PROVIDERS_PER_LIST_MAX)] | None = None
+
+
+class BatchMintIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    vouchers: Annotated[list[MintIn], Meta(min_length=1, max_length=BATCH_MINT_MAX)]
+
+
+class Voucher(msgspec.Struct, kw_only=True):
+    voucher_id: Uuid
+    city: CityId
+    year: Year
+    beneficiary: Beneficiary
+    kind: VoucherKind
+    amount: Amount
+    subsidy_ratio_bp: SubsidyRatioBp
+    providers: list[ProviderId] | None
+    expires_at: Timestamp
+    status: str
+    created_at: Timestamp
+
+
+class BatchMintOut(msgspec.Struct, kw_only=True):
+    vouchers: list[Voucher]
+
+
+class RevokeIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    reason: Reason

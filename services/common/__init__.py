@@ -1,0 +1,1 @@
+"""Shared infrastructure: settings, database, Kafka, outbox relay, consumers, auth, errors, HTTP edge, metrics."""

@@ -1,0 +1,108 @@
+"""The `cvl` command line: tokens, demo data (and, later, audit export/verify)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Final
+
+from . import auth, settings
+
+DEMO_YEAR: Final = 2026
+DEMO_BUDGETS_FEN: Final = {
+    "beijing-yizhuang": ("北京亦庄", 10_000_000_000),
+    "shanghai": ("上海", 60_000_000_000),
+    "wuhan": ("武汉", 1_000_000_000),
+    "wuxi": ("无锡", 5_000_000_000),
+    "qingyang": ("庆阳", 10_000_000_000),
+}
+DEMO_PROVIDERS: Final = {
+    "aliyun": ("Alibaba Cloud", list(DEMO_BUDGETS_FEN)),
+    "volcengine": ("Volcano Engine", list(DEMO_BUDGETS_FEN)),
+    "sugon": ("Sugon", ["beijing-yizhuang", "qingyang", "wuxi"]),
+    "ucloud": ("UCloud", ["shanghai", "wuhan"]),
+}
+DEMO_TOKEN_TTL_S: Final = 30 * 24 * 3600
+HTTP_TIMEOUT_S: Final = 30
+
+
+def _token_key() -> bytes:
+    return settings.token_key(settings.run_dir())
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    ttl_s = auth.parse_ttl(args.ttl)
+    if not 1 <= ttl_s <= settings.TOKEN_TTL_S_MAX:
+        print(f"--ttl must be between 1 s and {settings.TOKEN_TTL_S_MAX} s", file=sys.stderr)
+        return 2
+    try:
+        print(auth.issue(_token_key(), role=args.role, city=args.city, provider=args.provider, ttl_s=ttl_s))
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _put(url: str, token: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def cmd_demo_seed(args: argparse.Namespace) -> int:
+    """Create the demo cities, budgets and providers of CONTRACT.md (idempotent) and write demo tokens."""
+    key = _token_key()
+    admin = auth.issue(key, role="admin", ttl_s=DEMO_TOKEN_TTL_S)
+    base = args.url.rstrip("/")
+    try:
+        for city, (name, amount) in DEMO_BUDGETS_FEN.items():
+            _put(f"{base}/v1/cities/{city}", admin, {"name": name, "currency": "CNY"})
+            budget = _put(f"{base}/v1/cities/{city}/budgets/{DEMO_YEAR}", admin, {"amount": amount})
+            print(f"budget {city} {DEMO_YEAR}: amount {budget['amount']} available {budget['available']}")
+        for provider, (name, cities) in DEMO_PROVIDERS.items():
+            _put(f"{base}/v1/providers/{provider}", admin, {"name": name, "cities": cities})
+            print(f"provider {provider}: {', '.join(cities)}")
+    except urllib.error.HTTPError as exc:
+        print(f"seed failed: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    tokens = {
+        "admin": admin,
+        "auditor": auth.issue(key, role="auditor", ttl_s=DEMO_TOKEN_TTL_S),
+        "issuer": {c: auth.issue(key, role="issuer", city=c, ttl_s=DEMO_TOKEN_TTL_S) for c in DEMO_BUDGETS_FEN},
+        "provider": {p: auth.issue(key, role="provider", provider=p, ttl_s=DEMO_TOKEN_TTL_S) for p in DEMO_PROVIDERS},
+    }
+    out = settings.run_dir() / "tokens.json"
+    out.write_text(json.dumps(tokens, indent=2))
+    out.chmod(0o600)
+    print(f"demo tokens written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cvl", description="Compute voucher ledger tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    token = sub.add_parser("token", help="bearer tokens").add_subparsers(dest="action", required=True)
+    issue = token.add_parser("issue", help="print a signed bearer token")
+    issue.add_argument("--role", required=True, choices=auth.ROLES)
+    issue.add_argument("--city", help="scope: the issuer's city, or an auditor's city")
+    issue.add_argument("--provider", help="scope: the provider's id")
+    issue.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
+    issue.set_defaults(func=cmd_token_issue)
+
+    demo = sub.add_parser("demo", help="demo data").add_subparsers(dest="action", required=True)
+    seed = demo.add_parser("seed", help="create the demo cities, budgets, providers and tokens")
+    port = os.environ.get("CVL_ISSUING_PORT", "8081")
+    seed.add_argument("--url", default=f"http://127.0.0.1:{port}", help="the issuing service")
+    seed.set_defaults(func=cmd_demo_seed)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Idempotent Kafka consumers: a batch's effects and its processed event ids commit in one transaction.
+
+Delivery is at least once; the `processed_events` primary key makes application exactly once. Offsets are committed
+to Kafka only after the database commit, so a crash between the two redelivers events that are then skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import asyncpg
+import msgspec
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import CommitFailedError
+
+from schemas.events import Event, decode_event
+
+from . import metrics
+from .settings import CONSUMER_BATCH_MAX, CONSUMER_POLL_MS, KAFKA_REQUEST_TIMEOUT_MS, Settings
+
+log = logging.getLogger("cvl.consumer")
+
+CLAIM_SQL: Final = """
+INSERT INTO processed_events (event_id, topic, partition, "offset")
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id::text"""
+DEAD_LETTER_SQL: Final = """
+INSERT INTO dead_letters (topic, partition, "offset", payload, error) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT DO NOTHING"""
+RESTART_DELAY_S: Final = 1.0
+
+
+class Delivered(msgspec.Struct, frozen=True):
+    topic: str
+    partition: int
+    offset: int
+    event: Event
+
+
+Handler = Callable[[asyncpg.Connection, list[Delivered]], Awaitable[None]]
+
+
+class Consumer:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, topics: list[str], group: str, handler: Handler):
+        self.settings = settings
+        self.pool = pool
+        self.topics = topics
+        self.group = f"{settings.group_prefix}.{group}"
+        self.handler = handler
+        self._stopping = False
+        self.applied_batches = 0
+
+    async def stop(self) -> None:
+        self._stopping = True
+
+    async def run(self) -> None:
+        while not self._stopping:
+            consumer = AIOKafkaConsumer(
+                *self.topics,
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                group_id=self.group,
+                client_id=f"cvl-{self.settings.service}",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=CONSUMER_BATCH_MAX,
+                request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
+            )
+            try:
+                await consumer.start()
+                log.info("consumer started", extra={"group": self.group, "topics": self.topics})
+                while not self._stopping:
+                    batches = await consumer.getmany(timeout_ms=CONSUMER_POLL_MS, max_records=CONSUMER_BATCH_MAX)
+                    records = [r for part in batches.values() for r in part]
+                    if records:
+                        await self._apply(records)
+                        try:
+                            await consumer.commit()
+                        except CommitFailedError:
+                            log.warning("offset commit failed after a rebalance; the batch will be skipped on redelivery")
+                    await self._record_lag(consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("consumer failed; restarting", extra={"group": self.group})
+                await asyncio.sleep(RESTART_DELAY_S)
+            finally:
+                await consumer.stop()
+
+    async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            position = await consumer.position(tp)
+            metrics.consumer_lag.labels(self.settings.service, tp.topic, str(tp.partition)).set(max(0, high - position))
+
+    async def _apply(self, records) -> None:
+        delivered: list[Delivered] = []
+        dead: list[tuple] = []
+        for r in records:
+            try:
+                delivered.append(Delivered(r.topic, r.partition, r.offset, decode_event(r.value)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                dead.append((r.topic, r.partition, r.offset, r.value, str(exc)))
+        async with self.pool.acquire() as conn, conn.transaction():
+            for row in dead:
+                await conn.execute(DEAD_LETTER_SQL, *row)
+                metrics.dead_letters.labels(self.settings.service, row[0]).inc()
+                log.error("undecodable event kept in dead_letters",
+                          extra={"topic": row[0], "partition": row[1], "offset": row[2], "error": row[4]})
+            if not delivered:
+                return
+            claimed = await conn.fetch(
+                CLAIM_SQL, [d.event.event_id for d in delivered], [d.topic for d in delivered],
+                [d.partition for d in delivered], [d.offset for d in delivered])
+            fresh = {r[0] for r in claimed}
+            # The same event can appear twice in one batch (a relay retry): apply its first copy only.
+            seen: set[str] = set()
+            todo = []
+            for d in delivered:
+                if d.event.event_id in fresh and d.event.event_id not in seen:
+                    seen.add(d.event.event_id)
+                    todo.append(d)
+            skipped = len(delivered) - len(todo)
+            if skipped:
+                metrics.events_duplicate.labels(self.settings.service).inc(skipped)
+            if todo:
+                await self.handler(conn, todo)
+        for tag, count in collections.Counter(type(d.event).__name__ for d in todo).items():
+            metrics.events_applied.labels(self.settings.service, tag).inc(count)
+        self.applied_batches += 1

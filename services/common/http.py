@@ -1,0 +1,352 @@
+"""The HTTP edge shared by the services: routes with their types, errors as problems, auth, idempotency,
+health, metrics, OpenAPI, and a server with graceful shutdown.
+
+Middleware order (outermost first): errors (every failure becomes a problem+json) → metrics (counts what the client
+saw, including problems) → time limit → handler. Authentication is explicit in each handler (`principal(request)`),
+so a reader sees the roles next to the rule they protect.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import asyncpg
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from schemas.common import Problem
+
+from . import auth, metrics
+from .errors import (
+    IdempotencyKeyReused, NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed,
+)
+from .settings import (
+    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, Settings,
+)
+
+log = logging.getLogger("cvl.http")
+
+T = TypeVar("T")
+JSON: Final = "application/json"
+PROBLEM_JSON: Final = "application/problem+json"
+SETTINGS: Final = web.AppKey("settings", Settings)
+READY: Final = web.AppKey("ready", Callable[[], Awaitable[dict[str, bool]]])
+ROUTES: Final = web.AppKey("routes", list)
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    summary: str
+    roles: tuple[str, ...] = ()
+    body: type | None = None
+    response: type | None = None
+    status: int = 200
+    params: dict[str, Any] = field(default_factory=dict)  # path and query parameters: name -> type
+
+
+# --- responses -------------------------------------------------------------------------------------------------------
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_encoder.encode(obj), status=status, content_type=JSON, headers=headers)
+
+
+def problem(err: ServiceError) -> Problem:
+    return Problem(type=f"https://cvl.example/problems/{err.code.replace('_', '-')}", title=err.title,
+                   status=err.status, detail=err.detail, code=err.code, field=err.field)
+
+
+def problem_response(err: ServiceError) -> web.Response:
+    return web.Response(body=_encoder.encode(problem(err)), status=err.status, content_type=PROBLEM_JSON)
+
+
+# --- input -----------------------------------------------------------------------------------------------------------
+
+def _field_of(message: str) -> str | None:
+    # msgspec says "... - at `$.vouchers[3].amount`"
+    if "- at `$" in message:
+        path = message.rsplit("- at `$", 1)[1].rstrip("`")
+        return path.lstrip(".") or None
+    if message.startswith("Object missing required field `"):
+        return message.split("`")[1]
+    if message.startswith("Object contains unknown field `"):
+        return message.split("`")[1]
+    return None
+
+
+async def read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > BODY_BYTES_MAX:
+        raise PayloadTooLarge(f"the body is {request.content_length} bytes; at most {BODY_BYTES_MAX}")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"the body exceeds {BODY_BYTES_MAX} bytes") from exc
+
+
+def decode(raw: bytes, type_: type[T]) -> T:
+    if not raw:
+        raise ValidationFailed("a JSON body is required")
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        field_ = _field_of(str(exc))
+        raise ValidationFailed(str(exc), field=field_) from exc
+    except msgspec.DecodeError as exc:
+        raise ValidationFailed(f"the body is not valid JSON: {exc}") from exc
+
+
+def param(request: web.Request, name: str, type_: Any, *, query: bool = False, default: Any = ...) -> Any:
+    """A path (or query) parameter converted to `type_` with its limits; bad values are 422 naming it."""
+    source = request.rel_url.query if query else request.match_info
+    if name not in source:
+        if default is not ...:
+            return default
+        raise ValidationFailed(f"parameter {name} is required", field=name)
+    raw: Any = source[name]
+    try:
+        return msgspec.convert(raw, type_, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed(f"parameter {name}: {exc}", field=name) from exc
+
+
+def principal(request: web.Request) -> auth.Principal:
+    return auth.verify(request.app[SETTINGS].token_key, request.headers.get("Authorization"))
+
+
+# --- idempotency -----------------------------------------------------------------------------------------------------
+
+LOOKUP_SQL: Final = "SELECT request_hash, status, body FROM idempotency WHERE principal = $1 AND key = $2"
+CLAIM_SQL: Final = """
+INSERT INTO idempotency (principal, key, request_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true"""
+COMPLETE_SQL: Final = "UPDATE idempotency SET status = $3, body = $4 WHERE principal = $1 AND key = $2"
+SWEEP_SQL: Final = "DELETE FROM idempotency WHERE created_at < now() - make_interval(secs => $1)"
+
+
+class IdempotencyKey(msgspec.Struct, frozen=True):
+    principal: str
+    key: str
+    request_hash: bytes
+
+
+def idempotency_key(request: web.Request, who: auth.Principal, raw_body: bytes) -> IdempotencyKey | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_LENGTH_MAX or not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise ValidationFailed(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_LENGTH_MAX} visible ASCII characters",
+                               field="Idempotency-Key")
+    digest = hashlib.sha256(f"{request.method} {request.rel_url.path}\n".encode() + raw_body).digest()
+    return IdempotencyKey(who.subject, key, digest)
+
+
+def replay_response(k: IdempotencyKey, row: asyncpg.Record | None) -> web.Response | None:
+    if row is None:
+        return None
+    if row["request_hash"] != k.request_hash:
+        raise IdempotencyKeyReused(f"Idempotency-Key {k.key!r} was first used with a different request",
+                                   field="Idempotency-Key")
+    assert row["status"] is not None, "a visible idempotency record is always complete"
+    return web.Response(body=row["body"], status=row["status"], content_type=JSON,
+                        headers={"Idempotent-Replayed": "true"})
+
+
+async def lookup(conn: asyncpg.Connection | asyncpg.Pool, k: IdempotencyKey) -> web.Response | None:
+    return replay_response(k, await conn.fetchrow(LOOKUP_SQL, k.principal, k.key))
+
+
+class _AlreadyDone(Exception):
+    pass
+
+
+async def run_command(pool: asyncpg.Pool, k: IdempotencyKey | None,
+                      command: Callable[[asyncpg.Connection], Awaitable[tuple[int, Any]]]) -> web.Response:
+    """Run `command` in one transaction; with a key, store its successful response in the same transaction.
+
+    Refusals (domain errors) roll everything back, the key included: nothing changed, so a retry may run again.
+    A concurrent request with the same key waits on the key's row and then replays the winner's response.
+    """
+    if k is not None and (stored := await lookup(pool, k)) is not None:
+        return stored
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                if k is not None and not await conn.fetchval(CLAIM_SQL, k.principal, k.key, k.request_hash):
+                    raise _AlreadyDone
+                status, obj = await command(conn)
+                body = _encoder.encode(obj)
+                if k is not None:
+                    await conn.execute(COMPLETE_SQL, k.principal, k.key, status, body)
+        except _AlreadyDone:
+            stored = await lookup(conn, k)  # type: ignore[arg-type]
+            assert stored is not None
+            return stored
+    return web.Response(body=body, status=status, content_type=JSON)
+
+
+async def sweep_idempotency(pool: asyncpg.Pool, retention_s: float) -> int:
+    result = await pool.execute(SWEEP_SQL, retention_s)
+    return int(result.split()[-1])
+
+
+# --- middlewares -----------------------------------------------------------------------------------------------------
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ServiceError as err:
+        return problem_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        return problem_response(PayloadTooLarge(f"the body exceeds {BODY_BYTES_MAX} bytes"))
+    except web.HTTPNotFound:
+        return problem_response(NotFound(f"no route for {request.method} {request.rel_url.path}"))
+    except web.HTTPMethodNotAllowed as exc:
+        err = ServiceError(f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}")
+        err.status, err.code, err.title = 405, "method_not_allowed", "Method not allowed"
+        return problem_response(err)
+    except web.HTTPException as exc:
+        err = ServiceError(exc.text or exc.reason)
+        err.status, err.code, err.title = exc.status, "http_error", exc.reason
+        return problem_response(err)
+    except TimeoutError:
+        log.error("request timed out", extra={"method": request.method, "path": request.rel_url.path})
+        return problem_response(Unavailable(f"the request took longer than {REQUEST_TIMEOUT_S} s"))
+    except (asyncpg.PostgresConnectionStatusError, OSError, asyncpg.CannotConnectNowError) as exc:
+        log.error("dependency unavailable: %s", exc)
+        return problem_response(Unavailable("the database is not reachable"))
+    except Exception:
+        log.exception("unhandled error", extra={"method": request.method, "path": request.rel_url.path})
+        return problem_response(ServiceError("an internal error occurred; it has been logged"))
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler):
+    started = time.perf_counter()
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    response = await handler(request)
+    service = request.app[SETTINGS].service
+    metrics.http_latency.labels(service, route, request.method).observe(time.perf_counter() - started)
+    metrics.http_requests.labels(service, route, request.method, str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def timeout_middleware(request: web.Request, handler):
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        return await handler(request)
+
+
+# --- health, metrics, OpenAPI ----------------------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "service": request.app[SETTINGS].service})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = await request.app[READY]()
+    ok = all(checks.values())
+    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def openapi(service: str, routes: list[Route]) -> dict:
+    types = {t for r in routes for t in (r.body, r.response) if t is not None} | {Problem}
+    (schemas_, components) = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
+                                                            ref_template="#/components/schemas/{name}")
+    ref = dict(zip(sorted(types, key=lambda t: t.__name__), schemas_))
+    problem_ref = {"content": {PROBLEM_JSON: {"schema": ref[Problem]}}}
+    paths: dict[str, dict] = {}
+    for r in routes:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__,
+                              "responses": {}, "security": [{"bearer": []}] if r.roles else []}
+        if r.roles:
+            op["description"] = "Roles: " + ", ".join(r.roles)
+        parameters = []
+        for name, type_ in r.params.items():
+            (schema,), _ = msgspec.json.schema_components([type_])
+            where = "path" if "{" + name + "}" in r.path else "query"
+            parameters.append({"name": name, "in": where, "required": where == "path", "schema": schema})
+        if r.method == "POST":
+            parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                               "schema": {"type": "string", "minLength": 1,
+                                          "maxLength": IDEMPOTENCY_KEY_LENGTH_MAX}})
+        if parameters:
+            op["parameters"] = parameters
+        if r.body is not None:
+            op["requestBody"] = {"required": True, "content": {JSON: {"schema": ref[r.body]}}}
+        ok: dict[str, Any] = {"description": "OK"}
+        if r.response is not None:
+            ok["content"] = {JSON: {"schema": ref[r.response]}}
+        op["responses"][str(r.status)] = ok
+        op["responses"]["default"] = {"description": "A problem (RFC 9457)", **problem_ref}
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": f"cvl {service} service", "version": "1.0.0"},
+        "paths": paths,
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+    }
+
+
+# --- app factory and server ------------------------------------------------------------------------------------------
+
+def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
+    app = web.Application(client_max_size=BODY_BYTES_MAX,
+                          middlewares=[errors_middleware, metrics_middleware, timeout_middleware])
+    app[SETTINGS] = settings
+    app[READY] = ready
+    app[ROUTES] = routes
+    document = _encoder.encode(openapi(settings.service, routes))
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type=JSON)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi_json)
+    for r in routes:
+        app.router.add_route(r.method, r.path, r.handler, name=r.handler.__name__)
+    return app
+
+
+def serve(settings: Settings, app_factory: Callable[[Settings], web.Application]) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting, finish in-flight requests and run cleanups (drain)."""
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+
+    async def main() -> None:
+        app = app_factory(settings)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_address=True)
+        await site.start()
+        log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining requests, writers, relay and consumers")
+        await runner.cleanup()
+        log.info("stopped")
+
+    asyncio.run(main())

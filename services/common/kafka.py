@@ -1,0 +1,87 @@
+"""Kafka plumbing: topics, the idempotent producer, and the readiness probe."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Final
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from .settings import KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, READY_CHECK_TIMEOUT_S, Settings
+
+log = logging.getLogger("cvl.kafka")
+
+TOPIC_STARTUP_WAIT_S: Final = 90.0
+PRODUCER_LINGER_MS: Final = 2
+PRODUCER_BATCH_BYTES: Final = 512 * 1024
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create both topics if missing (idempotent; waits for the broker, bounded)."""
+    deadline = time.monotonic() + TOPIC_STARTUP_WAIT_S
+    topics = [settings.topic_issuing, settings.topic_redemption]
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                    request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [t for t in topics if t not in existing]
+            if missing:
+                try:
+                    await admin.create_topics([NewTopic(t, KAFKA_PARTITIONS, 1) for t in missing])
+                except TopicAlreadyExistsError:
+                    pass
+                log.info("topics created", extra={"topics": missing})
+            for _ in range(50):  # metadata propagates asynchronously after creation
+                if set(topics) <= set(await admin.list_topics()):
+                    return
+                await asyncio.sleep(0.1)
+            raise RuntimeError(f"topics {missing} still missing after creation")
+        except Exception as exc:  # broker not up yet: retry until the deadline
+            if time.monotonic() > deadline:
+                raise
+            log.warning("kafka not ready for topic setup: %s", exc)
+            await asyncio.sleep(1)
+        finally:
+            await admin.close()
+
+
+def producer(settings: Settings) -> AIOKafkaProducer:
+    # Idempotent with acks=all: a retried batch is written once and per-partition order is kept.
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"cvl-{settings.service}",
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=PRODUCER_LINGER_MS,
+        max_batch_size=PRODUCER_BATCH_BYTES,
+        request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
+    )
+
+
+class Probe:
+    """Answers "does Kafka answer now?" with a fresh metadata request (not cached metadata)."""
+
+    def __init__(self, settings: Settings):
+        self._client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap,
+                                      client_id=f"cvl-{settings.service}-probe",
+                                      request_timeout_ms=int(READY_CHECK_TIMEOUT_S * 1000))
+        self._started = False
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+                if not self._started:
+                    await self._client.bootstrap()
+                    self._started = True
+                return await self._client.fetch_all_metadata() is not None
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,35 @@
+"""Prometheus metrics shared by the services (each process runs one service; labels say which)."""
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+http_requests = Counter("cvl_http_requests_total", "HTTP requests answered", ["service", "route", "method", "status"])
+http_latency = Histogram("cvl_http_request_duration_seconds", "HTTP request latency", ["service", "route", "method"],
+                         buckets=LATENCY_BUCKETS_S)
+
+outbox_pending = Gauge("cvl_outbox_pending_rows", "Outbox rows not yet acknowledged by Kafka", ["service"])
+outbox_lag = Gauge("cvl_outbox_publish_lag_seconds", "Age of the oldest unpublished outbox row", ["service"])
+outbox_published = Counter("cvl_outbox_published_total", "Outbox rows acknowledged by Kafka", ["service", "topic"])
+outbox_failures = Counter("cvl_outbox_publish_failures_total", "Failed outbox publish rounds", ["service"])
+outbox_leader = Gauge("cvl_outbox_relay_leader", "1 when this process's relay holds the publishing lock", ["service"])
+
+consumer_lag = Gauge("cvl_consumer_lag_messages", "Messages behind the partition's high watermark",
+                     ["service", "topic", "partition"])
+events_applied = Counter("cvl_events_applied_total", "Events applied by a consumer", ["service", "type"])
+events_duplicate = Counter("cvl_events_duplicate_total", "Redelivered events skipped (already applied)", ["service"])
+dead_letters = Counter("cvl_dead_letters_total", "Messages that could not be decoded", ["service", "topic"])
+
+vouchers_minted = Counter("cvl_vouchers_minted_total", "Vouchers minted", ["city", "year"])
+amount_minted = Counter("cvl_amount_minted_fen_total", "Amount minted, in minor units", ["city", "year"])
+mint_refusals = Counter("cvl_mint_refusals_total", "Mint commands refused", ["city", "year", "code"])
+mint_batch_size = Histogram("cvl_mint_batch_commands", "Mint commands per writer transaction",
+                            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
+budget_available = Gauge("cvl_budget_available_fen", "Available budget per city and year (as last written here)",
+                         ["city", "year"])
+redemptions = Counter("cvl_redemptions_total", "Redemptions", ["city", "outcome"])
+amount_redeemed = Counter("cvl_amount_redeemed_fen_total", "Amount redeemed, in minor units", ["city"])
+journal_entries = Counter("cvl_journal_entries_total", "Journal entries appended", ["type"])

@@ -1,0 +1,158 @@
+"""The transactional outbox and its relay.
+
+A command writes its state change and its event rows in ONE transaction (`append`). The relay publishes the rows to
+Kafka in id order with an idempotent producer (acks=all) and deletes them only after the broker acknowledged them,
+so an acknowledged command's event reaches Kafka even if the process dies right after answering.
+
+Ordering: only one relay per service publishes at a time (a session advisory lock held on the relay's own
+connection), and it always reads the oldest unpublished rows, never "id > last seen" (ids are assigned before
+commit, so a later-committing row can have a smaller id and a cursor would skip it). Rows sharing a key are written
+under the same row lock (voucher, budget), so their ids follow their commit order.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Final
+
+import asyncpg
+import msgspec
+
+from schemas.events import Envelope
+
+from . import kafka, metrics
+from .settings import OUTBOX_BATCH_MAX, OUTBOX_IDLE_POLL_S, OUTBOX_LEADER_RETRY_S, Settings
+
+log = logging.getLogger("cvl.outbox")
+
+INSERT_SQL: Final = """
+INSERT INTO outbox (topic, key, event_id, type, payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bytea[])"""
+FETCH_SQL: Final = "SELECT id, topic, key, payload FROM outbox ORDER BY id LIMIT $1"
+DELETE_SQL: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+PENDING_SQL: Final = "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM outbox"
+LEADER_LOCK_SQL: Final = "SELECT pg_try_advisory_lock(hashtext('cvl-outbox:' || current_schema()))"
+STATS_INTERVAL_S: Final = 1.0
+
+_encoder = msgspec.json.Encoder()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def envelope(cls: type[Envelope], data: msgspec.Struct, *, producer: str, actor: str,
+             occurred_at: dt.datetime | None = None) -> Envelope:
+    return cls(event_id=str(uuid.uuid4()), occurred_at=occurred_at or now(), producer=producer, actor=actor,
+               data=data)  # type: ignore[call-arg]
+
+
+async def append(conn: asyncpg.Connection, rows: Iterable[tuple[str, str, Envelope]]) -> None:
+    """Queue events (topic, key, event) in the caller's transaction."""
+    assert conn.is_in_transaction(), "outbox rows must be written in the state change's transaction"
+    topics, keys, ids, types, payloads = [], [], [], [], []
+    for topic, key, event in rows:
+        topics.append(topic)
+        keys.append(key)
+        ids.append(event.event_id)
+        types.append(type(event).__name__)
+        payloads.append(_encoder.encode(event))
+    if topics:
+        await conn.execute(INSERT_SQL, topics, keys, ids, types, payloads)
+
+
+class Relay:
+    def __init__(self, settings: Settings, schema: str):
+        self.settings = settings
+        self.schema = schema
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self.is_leader = False
+
+    def wake(self) -> None:
+        """Called after a commit that wrote outbox rows: publish now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._lead()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                metrics.outbox_failures.labels(self.settings.service).inc()
+                log.exception("outbox relay failed; retrying")
+                await asyncio.sleep(OUTBOX_LEADER_RETRY_S)
+
+    async def stop(self) -> None:
+        """Drain: finish publishing what is committed, then stop."""
+        self._stopping = True
+        self._wake.set()
+
+    async def _lead(self) -> None:
+        conn = await asyncpg.connect(self.settings.pg_dsn, server_settings={"search_path": self.schema})
+        producer = None
+        try:
+            while not await conn.fetchval(LEADER_LOCK_SQL):
+                self.is_leader = False
+                metrics.outbox_leader.labels(self.settings.service).set(0)
+                if self._stopping:
+                    return
+                await self._sleep(OUTBOX_LEADER_RETRY_S)
+            self.is_leader = True
+            metrics.outbox_leader.labels(self.settings.service).set(1)
+            log.info("outbox relay is the leader", extra={"schema": self.schema})
+            producer = kafka.producer(self.settings)
+            await producer.start()
+            next_stats = 0.0
+            while True:
+                published = await self._publish_round(conn, producer)
+                if time.monotonic() >= next_stats:
+                    count, lag = await conn.fetchrow(PENDING_SQL)
+                    metrics.outbox_pending.labels(self.settings.service).set(count)
+                    metrics.outbox_lag.labels(self.settings.service).set(float(lag))
+                    next_stats = time.monotonic() + STATS_INTERVAL_S
+                if published == OUTBOX_BATCH_MAX:
+                    continue  # more waiting: no pause
+                if self._stopping and published == 0:
+                    return
+                await self._sleep(OUTBOX_IDLE_POLL_S)
+        finally:
+            self.is_leader = False
+            metrics.outbox_leader.labels(self.settings.service).set(0)
+            if producer is not None:
+                await producer.stop()
+            await conn.close()  # releases the session advisory lock
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _publish_round(self, conn: asyncpg.Connection, producer) -> int:
+        rows = await conn.fetch(FETCH_SQL, OUTBOX_BATCH_MAX)
+        if not rows:
+            return 0
+        futures = []
+        for row in rows:
+            futures.append(await producer.send(row["topic"], row["payload"], key=row["key"].encode()))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        done = [row["id"] for row, result in zip(rows, results) if not isinstance(result, BaseException)]
+        if done:
+            await conn.execute(DELETE_SQL, done)
+            per_topic = collections.Counter(
+                row["topic"] for row, result in zip(rows, results) if not isinstance(result, BaseException))
+            for topic, count in per_topic.items():
+                metrics.outbox_published.labels(self.settings.service, topic).inc(count)
+        if len(done) != len(rows):
+            failure = next(r for r in results if isinstance(r, BaseException))
+            raise RuntimeError(f"{len(rows) - len(done)} outbox rows not acknowledged") from failure
+        return len(rows)

@@ -1,0 +1,1 @@
+"""Issuing service: cities, budgets, provider whitelist, minting vouchers within budget."""
