@@ -1,0 +1,56 @@
+# Developer entry points. Everything the targets need is installed by them
+# (Python venv, PostgreSQL from Debian, Kafka jars from Maven Central), so they
+# work on a fresh machine. Runtime state lives in .run/ (see deploy/*.sh).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+ENV_FILE    := .run/env
+PYTEST_ARGS ?=
+
+# Load .run/env (written by deploy/pg.sh and deploy/kafka.sh) into a recipe.
+LOAD_ENV := set -a && source $(ENV_FILE) && set +a
+
+.PHONY: help venv infra up down test bench
+
+help:
+	@echo "make venv   - create .venv and install the project (.[dev])"
+	@echo "make infra  - start PostgreSQL and Kafka (deploy/pg.sh, deploy/kafka.sh)"
+	@echo "make up     - infra + services + demo seed"
+	@echo "make down   - stop services, Kafka and PostgreSQL"
+	@echo "make test   - infra + pytest (PYTEST_ARGS=... passed through)"
+	@echo "make bench  - infra + load benchmark (python -m load.bench)"
+
+venv: $(STAMP)
+
+# pip runs again only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+infra:
+	bash deploy/pg.sh start
+	bash deploy/kafka.sh start
+
+up: venv infra
+	bash deploy/services.sh start
+	$(LOAD_ENV) && $(VENV)/bin/cvl demo seed
+	@echo
+	@echo "issuing     http://127.0.0.1:$${CVL_ISSUING_PORT:-8081}"
+	@echo "redemption  http://127.0.0.1:$${CVL_REDEMPTION_PORT:-8082}"
+	@echo "ledger      http://127.0.0.1:$${CVL_LEDGER_PORT:-8083}"
+
+down:
+	bash deploy/services.sh stop
+	bash deploy/kafka.sh stop
+	bash deploy/pg.sh stop
+
+test: venv infra
+	$(LOAD_ENV) && $(VENV)/bin/pytest -q tests $(PYTEST_ARGS)
+
+bench: venv infra
+	$(LOAD_ENV) && $(PY) -m load.bench

@@ -1,0 +1,325 @@
+#!/usr/bin/env bash
+# Dev Apache Kafka broker for this repo: deploy/kafka.sh start|stop|status
+#
+# One KRaft node in combined mode (broker + controller), loopback only, jars
+# from Maven Central (deploy/pom.xml) in .run/kafka/libs, data in
+# .run/kafka/data, log in .run/logs/kafka.log, pid in .run/pids/kafka.pid.
+# `start` writes CVL_KAFKA_BOOTSTRAP to .run/env. Topics are created by the
+# services themselves (auto.create.topics.enable=false).
+set -euo pipefail
+
+# ---- constants --------------------------------------------------------------
+readonly DEFAULT_PORT=9092             # client listener unless CVL_KAFKA_PORT / taken
+readonly DEFAULT_CONTROLLER_PORT=9093  # KRaft controller listener unless taken
+readonly PORT_SCAN_TRIES=100           # how far upward to look for a free port
+readonly NODE_ID=1
+readonly NUM_PARTITIONS=12             # default for topics created without a count
+readonly INTERNAL_TOPIC_PARTITIONS=12  # __consumer_offsets, __transaction_state
+readonly START_TIMEOUT_S=90            # launch until the broker serves clients
+readonly PROBE_TIMEOUT_S=20            # one BrokerApiVersionsCommand run
+readonly STOP_TIMEOUT_S=30             # SIGTERM grace period before SIGKILL
+readonly FETCH_TIMEOUT_S=600           # mvn jar download
+readonly LOCK_TIMEOUT_S=720            # waiting for a concurrent `start` to finish
+readonly HEAP_OPTS="-Xms512m -Xmx1g"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly ROOT
+readonly POM="$ROOT/deploy/pom.xml"
+readonly LOG4J_CONFIG="$ROOT/deploy/kafka-log4j2.properties"
+readonly RUN_DIR="$ROOT/.run"
+readonly KAFKA_DIR="$RUN_DIR/kafka"
+readonly LIBS_DIR="$KAFKA_DIR/libs"
+readonly LIBS_STAMP="$LIBS_DIR/.fetched"      # holds the sha256 of deploy/pom.xml
+readonly DATA_DIR="$KAFKA_DIR/data"
+readonly PROPS="$KAFKA_DIR/server.properties"
+readonly CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
+readonly LOG_DIR="$RUN_DIR/logs"
+readonly LOG_FILE="$LOG_DIR/kafka.log"
+readonly FETCH_LOG="$LOG_DIR/kafka-fetch.log"
+readonly PID_DIR="$RUN_DIR/pids"
+readonly PID_FILE="$PID_DIR/kafka.pid"
+readonly START_LOCK="$KAFKA_DIR/.start.lock"
+readonly ENV_FILE="$RUN_DIR/env"
+readonly ENV_LOCK="$RUN_DIR/.env.lock"
+readonly MAIN_CLASS="kafka.Kafka"
+readonly STARTED_MARKER="Kafka Server started"
+
+log() { printf '[kafka] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---- helpers ----------------------------------------------------------------
+ensure_tools() {
+  local missing=()
+  command -v java >/dev/null || missing+=(openjdk-17-jdk-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  (( ${#missing[@]} == 0 )) && return 0
+  [[ "$(id -u)" == 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]})"
+  log "installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+}
+
+fetch_jars() {
+  local want
+  want="$(sha256sum "$POM" | cut -d' ' -f1)"
+  if [[ -f "$LIBS_STAMP" && "$(cat "$LIBS_STAMP")" == "$want" ]]; then
+    return 0
+  fi
+  log "fetching Kafka jars from Maven Central (deploy/pom.xml) into $LIBS_DIR"
+  local tmp="$KAFKA_DIR/libs.tmp.$$"
+  rm -rf "$tmp"
+  if ! timeout "$FETCH_TIMEOUT_S" mvn -q -B -f "$POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$FETCH_LOG" 2>&1; then
+    tail -n 40 "$FETCH_LOG" >&2 || true
+    rm -rf "$tmp"
+    die "mvn dependency:copy-dependencies failed (log: $FETCH_LOG)"
+  fi
+  echo "$want" > "$tmp/.fetched"
+  rm -rf "$LIBS_DIR"
+  mv "$tmp" "$LIBS_DIR"
+  log "fetched $(find "$LIBS_DIR" -name '*.jar' | wc -l) jars"
+}
+
+port_in_use() {
+  local port="$1"
+  if command -v ss >/dev/null && [[ -n "$(ss -Htln "sport = :$port" 2>/dev/null)" ]]; then
+    return 0
+  fi
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+}
+
+# First free port at or above $1 that is not $2.
+free_port_from() {
+  local first="$1" avoid="${2:-}" port
+  for (( port = first; port < first + PORT_SCAN_TRIES; port++ )); do
+    [[ "$port" == "$avoid" ]] && continue
+    port_in_use "$port" || { echo "$port"; return 0; }
+  done
+  die "no free port in $first..$((first + PORT_SCAN_TRIES - 1))"
+}
+
+# Replace our line in .run/env, keeping the other scripts' lines.
+set_env_var() {
+  local name="$1" value="$2"
+  mkdir -p "$RUN_DIR"
+  (
+    flock 9
+    local tmp="$ENV_FILE.tmp.$$"
+    : > "$tmp"
+    if [[ -f "$ENV_FILE" ]]; then
+      grep -v "^export $name=" "$ENV_FILE" > "$tmp" || true   # grep: 1 = no other lines
+    fi
+    printf 'export %s=%s\n' "$name" "$value" >> "$tmp"
+    mv -f "$tmp" "$ENV_FILE"
+  ) 9>"$ENV_LOCK"
+}
+
+# True if the process exists and is not a zombie (kill -0 succeeds on
+# zombies, and an orphan may stay one if PID 1 does not reap).
+pid_alive() {
+  local state
+  state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+  [[ -n "$state" && "$state" != Z ]]
+}
+
+# Pid of our broker if it is alive (pid file names a live kafka.Kafka process
+# started with our server.properties), else nothing and status 1.
+live_pid() {
+  [[ -f "$PID_FILE" ]] || return 1
+  local pid
+  pid="$(cat "$PID_FILE")"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  pid_alive "$pid" || return 1
+  local cmdline
+  cmdline="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)"
+  [[ "$cmdline" == *"$MAIN_CLASS $PROPS"* ]] || return 1
+  echo "$pid"
+}
+
+# Client port from the current server.properties.
+configured_port() {
+  sed -n 's|^listeners=PLAINTEXT://127\.0\.0\.1:\([0-9]*\),.*|\1|p' "$PROPS"
+}
+
+write_properties() {
+  local port="$1" cport="$2"
+  cat > "$PROPS" <<EOF
+# Written by deploy/kafka.sh on every start: edit the script, not this file.
+# Single KRaft node in combined mode, loopback only.
+process.roles=broker,controller
+node.id=$NODE_ID
+controller.quorum.voters=$NODE_ID@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$DATA_DIR
+
+# Topics: created explicitly by the services.
+auto.create.topics.enable=false
+delete.topic.enable=true
+num.partitions=$NUM_PARTITIONS
+default.replication.factor=1
+min.insync.replicas=1
+
+# Internal topics on a single node.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=$INTERNAL_TOPIC_PARTITIONS
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=$INTERNAL_TOPIC_PARTITIONS
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+
+# Fast, test-friendly group behaviour.
+group.initial.rebalance.delay.ms=0
+
+# Threads sized for a 2-core box.
+num.network.threads=3
+num.io.threads=8
+num.recovery.threads.per.data.dir=2
+
+# Retention: a dev box, keep a week or 1 GiB per partition.
+log.retention.hours=168
+log.retention.bytes=1073741824
+log.segment.bytes=268435456
+EOF
+}
+
+format_storage() {
+  if [[ -f "$DATA_DIR/meta.properties" ]]; then
+    return 0
+  fi
+  if [[ ! -s "$CLUSTER_ID_FILE" ]]; then
+    java -cp "$LIBS_DIR/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 > "$CLUSTER_ID_FILE"
+    [[ -s "$CLUSTER_ID_FILE" ]] || die "could not generate a cluster id"
+  fi
+  local cluster_id
+  cluster_id="$(cat "$CLUSTER_ID_FILE")"
+  log "formatting $DATA_DIR (cluster id $cluster_id)"
+  java -Dlog4j2.configurationFile="$LOG4J_CONFIG" -cp "$LIBS_DIR/*" kafka.tools.StorageTool \
+    format -t "$cluster_id" -c "$PROPS" >>"$LOG_FILE" 2>&1 \
+    || { tail -n 20 "$LOG_FILE" >&2; die "storage format failed (log: $LOG_FILE)"; }
+}
+
+# One client-level probe: the broker answers ApiVersions and lists itself in
+# its metadata (it does so only once registered and unfenced).
+probe() {
+  local port="$1" out
+  out="$(timeout "$PROBE_TIMEOUT_S" java -Xmx128m -XX:TieredStopAtLevel=1 \
+          -Dlog4j2.level=OFF -cp "$LIBS_DIR/*" \
+          org.apache.kafka.tools.BrokerApiVersionsCommand \
+          --bootstrap-server "127.0.0.1:$port" 2>/dev/null)" || return 1
+  [[ "$out" == *"(id: $NODE_ID "* ]]
+}
+
+# Wait until the broker logged that it started (after byte offset $3 of the
+# log, i.e. in this run) and then answers the probe.
+wait_ready() {
+  local pid="$1" port="$2" log_offset="$3"
+  local deadline=$(( SECONDS + START_TIMEOUT_S ))
+  while (( SECONDS < deadline )); do
+    if ! pid_alive "$pid"; then
+      tail -n 40 "$LOG_FILE" >&2 || true
+      rm -f "$PID_FILE"
+      die "broker process $pid exited during startup (log: $LOG_FILE)"
+    fi
+    if tail -c +"$(( log_offset + 1 ))" "$LOG_FILE" | grep -qF "$STARTED_MARKER" \
+        && probe "$port"; then
+      return 0
+    fi
+    sleep 1
+  done
+  tail -n 40 "$LOG_FILE" >&2 || true
+  die "broker not ready after ${START_TIMEOUT_S}s (pid $pid, log: $LOG_FILE)"
+}
+
+# ---- commands ---------------------------------------------------------------
+cmd_start() {
+  mkdir -p "$KAFKA_DIR" "$DATA_DIR" "$LOG_DIR" "$PID_DIR"
+  # One `start` at a time (e.g. two `make test` runs at once). fd 8 is closed
+  # for the broker so that it does not hold the lock.
+  exec 8>"$START_LOCK"
+  flock -w "$LOCK_TIMEOUT_S" 8 || die "another 'kafka.sh start' still holds $START_LOCK"
+  local pid port
+  if pid="$(live_pid)"; then
+    port="$(configured_port)"
+    log "already running (pid $pid) on 127.0.0.1:$port"
+    # Covers a concurrent start that has not finished yet; returns at once
+    # when the broker is serving.
+    probe "$port" || wait_ready "$pid" "$port" 0
+  else
+    ensure_tools
+    fetch_jars
+    if [[ -n "${CVL_KAFKA_PORT:-}" ]]; then
+      port="$CVL_KAFKA_PORT"
+      port_in_use "$port" && die "CVL_KAFKA_PORT=$port is already in use"
+    else
+      port="$(free_port_from "$DEFAULT_PORT")"
+      [[ "$port" == "$DEFAULT_PORT" ]] || log "port $DEFAULT_PORT is taken by something else; using $port"
+    fi
+    local cport
+    cport="$(free_port_from "$DEFAULT_CONTROLLER_PORT" "$port")"
+    write_properties "$port" "$cport"
+    touch "$LOG_FILE"
+    format_storage
+
+    local log_offset
+    log_offset="$(stat -c %s "$LOG_FILE")"
+    log "starting Kafka $(basename "$LIBS_DIR"/kafka_2.13-*.jar .jar | sed 's/^kafka_2.13-//') on 127.0.0.1:$port (controller :$cport)"
+    # Not a process group leader here, so setsid execs in place and $! is
+    # the JVM's pid.
+    # shellcheck disable=SC2086
+    setsid nohup java $HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+      -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+      -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$LOG4J_CONFIG" -Dkafka.logs.dir="$LOG_DIR" \
+      -cp "$LIBS_DIR/*" "$MAIN_CLASS" "$PROPS" \
+      >>"$LOG_FILE" 2>&1 </dev/null 8>&- &
+    pid=$!
+    echo "$pid" > "$PID_FILE"
+    wait_ready "$pid" "$port" "$log_offset"
+  fi
+  set_env_var CVL_KAFKA_BOOTSTRAP "127.0.0.1:$port"
+  log "ready: 127.0.0.1:$port (pid $pid)"
+}
+
+cmd_stop() {
+  local pid
+  if ! pid="$(live_pid)"; then
+    log "not running"
+    rm -f "$PID_FILE"
+    return 0
+  fi
+  log "stopping (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$(( SECONDS + STOP_TIMEOUT_S ))
+  while pid_alive "$pid" && (( SECONDS < deadline )); do
+    sleep 0.5
+  done
+  if pid_alive "$pid"; then
+    log "still alive after ${STOP_TIMEOUT_S}s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while pid_alive "$pid"; do sleep 0.2; done
+  fi
+  rm -f "$PID_FILE"
+  log "stopped"
+}
+
+cmd_status() {
+  local pid
+  if pid="$(live_pid)"; then
+    log "running (pid $pid) on 127.0.0.1:$(configured_port)"
+    return 0
+  fi
+  log "not running"
+  return 1
+}
+
+case "${1:-}" in
+  start)  cmd_start ;;
+  stop)   cmd_stop ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
