@@ -22,12 +22,25 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
+class PooledConnection(asyncpg.Connection):
+    """A pooled connection released without the reset query (a round trip per release on the hot path).
+
+    Safe because pooled connections never keep session state: no LISTEN, no session advisory locks, no cursors
+    outside transactions, no SET (the search path is a startup parameter). An open transaction is still rolled
+    back by asyncpg on release. The relay's advisory lock lives on its own connection, outside the pool.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def create_pool(settings: Settings, schema: str, *, max_size: int | None = None) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         settings.pg_dsn,
         min_size=PG_POOL_MIN,
         max_size=max_size or settings.pg_pool_max,
         command_timeout=PG_COMMAND_TIMEOUT_S,
+        connection_class=PooledConnection,
         server_settings={"search_path": schema, "application_name": f"cvl-{settings.service}"},
     )
 

@@ -28,7 +28,8 @@ from .errors import (
     IdempotencyKeyReused, NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed,
 )
 from .settings import (
-    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, Settings,
+    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, IDEMPOTENCY_RETENTION_S, IDEMPOTENCY_SWEEP_INTERVAL_S,
+    REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, Settings,
 )
 
 log = logging.getLogger("cvl.http")
@@ -194,9 +195,16 @@ async def run_command(pool: asyncpg.Pool, k: IdempotencyKey | None,
     return web.Response(body=body, status=status, content_type=JSON)
 
 
-async def sweep_idempotency(pool: asyncpg.Pool, retention_s: float) -> int:
-    result = await pool.execute(SWEEP_SQL, retention_s)
-    return int(result.split()[-1])
+async def sweep_idempotency_keys(pool: asyncpg.Pool) -> None:
+    """Background task: forget Idempotency-Keys older than IDEMPOTENCY_RETENTION_S (the contract keeps them 24 h)."""
+    while True:
+        await asyncio.sleep(IDEMPOTENCY_SWEEP_INTERVAL_S)
+        try:
+            result = await pool.execute(SWEEP_SQL, IDEMPOTENCY_RETENTION_S)
+            if removed := int(result.split()[-1]):
+                log.info("expired idempotency keys removed", extra={"count": removed})
+        except Exception:
+            log.exception("idempotency sweep failed")
 
 
 # --- middlewares -----------------------------------------------------------------------------------------------------

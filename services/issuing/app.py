@@ -20,7 +20,7 @@ from services.common import db, http, kafka, outbox
 from services.common.auth import require
 from services.common.errors import BudgetBelowCommitted, NotFound, ValidationFailed
 from services.common.http import Route, json_response, param, principal
-from services.common.settings import IDEMPOTENCY_RETENTION_S, IDEMPOTENCY_SWEEP_INTERVAL_S, Settings
+from services.common.settings import Settings
 
 from . import store
 from .writer import Writers
@@ -236,7 +236,7 @@ def create_app(settings: Settings) -> web.Application:
                           on_commit=relay.wake)
         app[POOL], app[RELAY], app[WRITERS] = pool, relay, writers
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
-        sweeper = asyncio.create_task(_sweep(pool), name="idempotency-sweeper")
+        sweeper = asyncio.create_task(http.sweep_idempotency_keys(pool), name="idempotency-sweeper")
         yield
         # Drain in dependency order: writers commit what is queued, the relay publishes it, then the pool closes.
         await writers.close()
@@ -254,13 +254,3 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     return app
 
-
-async def _sweep(pool: asyncpg.Pool) -> None:
-    while True:
-        await asyncio.sleep(IDEMPOTENCY_SWEEP_INTERVAL_S)
-        try:
-            removed = await http.sweep_idempotency(pool, IDEMPOTENCY_RETENTION_S)
-            if removed:
-                log.info("expired idempotency keys removed", extra={"count": removed})
-        except Exception:
-            log.exception("idempotency sweep failed")

@@ -1,0 +1,1 @@
+"""Ledger service: every event becomes one journal entry of balanced postings, for government auditors."""

@@ -1,0 +1,382 @@
+"""Ledger rules, free of I/O: the postings each event makes, what it adds to its city's report, and the leaf bytes
+the Merkle log hashes.
+
+Invariants protected here: every journal entry balances (sum of debits == sum of credits); no posting is zero; each
+posting moves exactly one side (debit or credit) by a positive amount. An account's balance is credits − debits
+(CONTRACT.md, chart of accounts).
+
+Postings of an entry, in the order they are listed (debit postings first, then credit postings):
+
+    CitySet, ProviderSet    no postings (the event is still journaled)
+    BudgetSet  delta > 0    D appropriation:{city}:{year} delta      C budget:{city}:{year} delta
+               delta < 0    D budget:{city}:{year} |delta|           C appropriation:{city}:{year} |delta|
+               delta = 0    no postings
+    VoucherMinted           D budget:{city}:{year} amount            C voucher:{voucher_id} amount
+    VoucherRedeemed         D voucher:{voucher_id} amount            C provider:{provider} amount
+    HoldPlaced              D voucher:{voucher_id} amount            C hold:{voucher_id} amount
+    HoldCaptured            D hold:{voucher_id} captured+released    C provider:{provider} captured,
+                                                                     then C voucher:{voucher_id} released
+    HoldVoided              D hold:{voucher_id} amount               C voucher:{voucher_id} amount
+    RedemptionRefunded      D provider:{provider} amount             C voucher:{voucher_id} amount
+    VoucherRevoked          D voucher:{voucher_id} returned          C budget:{city}:{year} returned
+    VoucherExpired          D voucher:{voucher_id} amount            C lapsed:{city}:{year} amount (disposition "lapse")
+                                                                     or C budget:{city}:{year} amount ("carry")
+
+A posting whose amount would be zero is omitted (a capture of 0 has no provider posting; a revocation that returned
+0 has none at all). `hold:` accounts are per voucher (CONTRACT.md: `hold:{voucher_id}`), not per hold.
+
+An event whose amounts are negative or beyond a bigint cannot be posted (the event schema types some of them as
+unbounded totals): `journal_entry` raises `InvalidEvent` for it, and the store keeps it in `dead_letters` rather
+than stalling the log.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from typing import Annotated, Final, NamedTuple, assert_never
+
+import msgspec
+from msgspec import Meta
+
+from schemas import events as ev
+from schemas.common import ID_PATTERN, UUID_PATTERN, YEAR_MAX, YEAR_MIN
+from schemas.ledger import Posting
+
+# --- the chart of accounts --------------------------------------------------------------------------------------------
+
+_ID: Final = ID_PATTERN.strip("^$")
+_UUID: Final = UUID_PATTERN.strip("^$")
+_YEAR: Final = "(?:20[0-9]{2}|2100)"
+assert (YEAR_MIN, YEAR_MAX) == (2000, 2100), "_YEAR spells out the contract's year range"
+ACCOUNT_PATTERN: Final = (
+    rf"^(?:(?:appropriation|budget|lapsed):{_ID}:{_YEAR}|(?:voucher|hold):{_UUID}|provider:{_ID})$"
+)
+ACCOUNT_LENGTH_MAX: Final = len("appropriation:") + 63 + len(":2100")
+CITY_YEAR_KINDS: Final = ("appropriation", "budget", "lapsed")
+VOUCHER_KINDS: Final = ("voucher", "hold")
+_ACCOUNT_RE: Final = re.compile(ACCOUNT_PATTERN)
+
+AccountName = Annotated[str, Meta(
+    pattern=ACCOUNT_PATTERN, max_length=ACCOUNT_LENGTH_MAX,
+    description="appropriation|budget|lapsed:{city}:{year}, voucher|hold:{voucher_id} or provider:{provider}")]
+
+
+def appropriation(city: str, year: int) -> str:
+    return f"appropriation:{city}:{year}"
+
+
+def budget(city: str, year: int) -> str:
+    return f"budget:{city}:{year}"
+
+
+def lapsed(city: str, year: int) -> str:
+    return f"lapsed:{city}:{year}"
+
+
+def voucher(voucher_id: str) -> str:
+    return f"voucher:{voucher_id}"
+
+
+def hold(voucher_id: str) -> str:
+    return f"hold:{voucher_id}"
+
+
+def provider(provider_id: str) -> str:
+    return f"provider:{provider_id}"
+
+
+class AccountRef(NamedTuple):
+    """What an account name refers to: a (city, year), a voucher, or a provider."""
+
+    kind: str
+    city: str | None = None
+    year: int | None = None
+    voucher_id: str | None = None
+    provider: str | None = None
+
+
+def parse_account(name: str) -> AccountRef:
+    if not _ACCOUNT_RE.match(name):
+        raise ValueError(f"{name!r} is not an account of the chart")
+    kind, _, rest = name.partition(":")
+    if kind in CITY_YEAR_KINDS:
+        city, year = rest.split(":")
+        return AccountRef(kind, city=city, year=int(year))
+    if kind in VOUCHER_KINDS:
+        return AccountRef(kind, voucher_id=rest)
+    return AccountRef(kind, provider=rest)
+
+
+# --- postings ---------------------------------------------------------------------------------------------------------
+
+POSTING_AMOUNT_MAX: Final = 2**63 - 1  # a bigint column; events type some amounts as unbounded totals
+
+
+class InvalidEvent(ValueError):
+    """An event whose amounts cannot be posted (negative): an upstream bug, kept aside rather than journaled."""
+
+
+def _not_negative(event: ev.Event, **amounts: int) -> None:
+    for name, amount in amounts.items():
+        if amount < 0:
+            raise InvalidEvent(f"{event_type(event)} {event.event_id}: {name} is {amount}, below 0")
+
+
+def _move(amount: int, debit: str, credit: str) -> list[Posting]:
+    """`amount` from `debit` to `credit`: a debit posting then a credit posting, or none for 0."""
+    assert amount >= 0
+    if amount == 0:
+        return []
+    return [Posting(account=debit, debit=amount, credit=0), Posting(account=credit, debit=0, credit=amount)]
+
+
+def event_type(event: ev.Event) -> str:
+    return type(event).__struct_config__.tag  # type: ignore[return-value]
+
+
+def postings(event: ev.Event) -> list[Posting]:
+    """The postings of `event`'s journal entry, in the documented order (module docstring)."""
+    match event:
+        case ev.CitySet() | ev.ProviderSet():
+            return []
+        case ev.BudgetSet(data=d):
+            if d.delta >= 0:
+                return _move(d.delta, appropriation(d.city, d.year), budget(d.city, d.year))
+            return _move(-d.delta, budget(d.city, d.year), appropriation(d.city, d.year))
+        case ev.VoucherMinted(data=d):
+            return _move(d.amount, budget(d.city, d.year), voucher(d.voucher_id))
+        case ev.VoucherRedeemed(data=d):
+            return _move(d.amount, voucher(d.voucher_id), provider(d.provider))
+        case ev.HoldPlaced(data=d):
+            return _move(d.amount, voucher(d.voucher_id), hold(d.voucher_id))
+        case ev.HoldCaptured(data=d):
+            _not_negative(event, captured=d.captured, released=d.released)
+            out: list[Posting] = []
+            if d.captured + d.released:
+                out.append(Posting(account=hold(d.voucher_id), debit=d.captured + d.released, credit=0))
+            if d.captured:
+                out.append(Posting(account=provider(d.provider), debit=0, credit=d.captured))
+            if d.released:
+                out.append(Posting(account=voucher(d.voucher_id), debit=0, credit=d.released))
+            return out
+        case ev.HoldVoided(data=d):
+            return _move(d.amount, hold(d.voucher_id), voucher(d.voucher_id))
+        case ev.RedemptionRefunded(data=d):
+            return _move(d.amount, provider(d.provider), voucher(d.voucher_id))
+        case ev.VoucherRevoked(data=d):
+            _not_negative(event, returned=d.returned)
+            return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year))
+        case ev.VoucherExpired(data=d):
+            _not_negative(event, amount=d.amount)
+            to = lapsed(d.city, d.year) if d.disposition == "lapse" else budget(d.city, d.year)
+            return _move(d.amount, voucher(d.voucher_id), to)
+        case _:
+            assert_never(event)
+
+
+def check_balanced(entry_postings: list[Posting]) -> None:
+    """Each posting moves one side by a positive amount on an account of the chart; debits equal credits."""
+    for p in entry_postings:
+        assert _ACCOUNT_RE.match(p.account), p.account
+        assert p.debit >= 0 and p.credit >= 0 and (p.debit == 0) != (p.credit == 0), p
+    assert sum(p.debit for p in entry_postings) == sum(p.credit for p in entry_postings), entry_postings
+
+
+# --- the journal entry ------------------------------------------------------------------------------------------------
+
+class JournalEntry(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    event_id: str
+    type: str
+    occurred_at: dt.datetime
+    postings: list[Posting]
+    leaf: bytes
+
+
+def journal_entry(index: int, event: ev.Event) -> JournalEntry:
+    """`event` as the entry at position `index` of the log: balanced postings and the leaf bytes to hash."""
+    entry_postings = postings(event)
+    for p in entry_postings:
+        if max(p.debit, p.credit) > POSTING_AMOUNT_MAX:
+            raise InvalidEvent(f"{event_type(event)} {event.event_id}: {p.account} would move more than "
+                               f"{POSTING_AMOUNT_MAX}")
+    check_balanced(entry_postings)
+    type_ = event_type(event)
+    return JournalEntry(index=index, event_id=event.event_id, type=type_, occurred_at=event.occurred_at,
+                        postings=entry_postings,
+                        leaf=leaf_v1(index, event.event_id, type_, event.occurred_at, entry_postings))
+
+
+# --- the city report --------------------------------------------------------------------------------------------------
+
+class CityYear(NamedTuple):
+    city: str
+    year: int
+
+
+class ReportDelta(NamedTuple):
+    """What one event adds to its (city, year) report row.
+
+    `outstanding` is summed from the entry's postings on voucher: and hold: accounts, independently of the counters,
+    so that reading a report can check outstanding == issued − redeemed + refunded − revoked − expired.
+    """
+
+    budget: int = 0
+    issued: int = 0
+    redeemed: int = 0    # gross: direct redemptions and captured holds
+    refunded: int = 0
+    revoked: int = 0     # what revocation returned to the budget
+    expired: int = 0     # expired value, lapsed or carried
+    outstanding: int = 0
+
+
+def report_delta(event: ev.Event, entry_postings: list[Posting]) -> tuple[CityYear, ReportDelta] | None:
+    """The (city, year) an event concerns and what it adds to that report; None for city and provider events."""
+    match event:
+        case ev.CitySet() | ev.ProviderSet():
+            return None
+        case ev.BudgetSet(data=d):
+            counters = {"budget": d.delta}
+        case ev.VoucherMinted(data=d):
+            counters = {"issued": d.amount}
+        case ev.VoucherRedeemed(data=d):
+            counters = {"redeemed": d.amount}
+        case ev.HoldCaptured(data=d):
+            counters = {"redeemed": d.captured}
+        case ev.RedemptionRefunded(data=d):
+            counters = {"refunded": d.amount}
+        case ev.VoucherRevoked(data=d):
+            counters = {"revoked": d.returned}
+        case ev.VoucherExpired(data=d):
+            counters = {"expired": d.amount}
+        case ev.HoldPlaced(data=d) | ev.HoldVoided(data=d):
+            counters = {}  # value moves between the voucher and its hold: outstanding is unchanged
+        case _:
+            assert_never(event)
+    outstanding = sum(p.credit - p.debit for p in entry_postings if p.account.startswith(("voucher:", "hold:")))
+    return CityYear(d.city, d.year), ReportDelta(outstanding=outstanding, **counters)
+
+
+def voucher_home(event: ev.Event) -> tuple[str, CityYear] | None:
+    """(voucher_id, its city and year) for any voucher event: scopes voucher: and hold: accounts to a city."""
+    data = event.data
+    voucher_id = getattr(data, "voucher_id", None)
+    if voucher_id is None:
+        return None
+    return voucher_id, CityYear(data.city, data.year)  # type: ignore[attr-defined]
+
+
+# --- leaf bytes, version 1 --------------------------------------------------------------------------------------------
+
+LEAF_V1_PREFIX: Final = b"cvl-leaf-v1\n"
+EVENT_TYPE_PATTERN: Final = r"^[A-Z][A-Za-z]{0,63}$"
+_UUID_RE: Final = re.compile(UUID_PATTERN)
+_TYPE_RE: Final = re.compile(EVENT_TYPE_PATTERN)
+_OCCURRED_AT_RE: Final = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{6})Z$")
+
+
+class LeafPostingV1(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Fields in sorted key order; the encoder sorts as well, so the bytes never depend on declaration order.
+    account: str
+    credit: int
+    debit: int
+
+
+class LeafV1(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    event_id: str
+    index: int
+    occurred_at: str
+    postings: list[LeafPostingV1]
+    type: str
+
+
+_leaf_encoder: Final = msgspec.json.Encoder(order="sorted")
+_leaf_decoder: Final = msgspec.json.Decoder(LeafV1)
+
+
+def format_occurred_at(occurred_at: dt.datetime) -> str:
+    """UTC, always six fraction digits: `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
+    if occurred_at.tzinfo is None or occurred_at.utcoffset() is None:
+        raise ValueError("occurred_at must carry a UTC offset")
+    u = occurred_at.astimezone(dt.timezone.utc)
+    return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}"
+            f".{u.microsecond:06d}Z")
+
+
+def parse_occurred_at(text: str) -> dt.datetime:
+    m = _OCCURRED_AT_RE.match(text)
+    if m is None:
+        raise ValueError(f"occurred_at {text!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ")
+    return dt.datetime(*map(int, m.groups()), tzinfo=dt.timezone.utc)  # type: ignore[misc]
+
+
+def leaf_v1(index: int, event_id: str, type: str, occurred_at: dt.datetime, postings: Iterable[Posting]) -> bytes:
+    """The exact bytes of an entry's Merkle leaf (the tree hashes SHA-256(0x00 ‖ leaf), RFC 9162 §2.1.1).
+
+    leaf = b"cvl-leaf-v1\\n" ‖ JSON, with no trailing newline, where JSON is the UTF-8 object
+
+        {"event_id":E,"index":I,"occurred_at":T,"postings":[P,...],"type":Y}
+        P = {"account":A,"credit":C,"debit":D}
+
+    - keys in sorted (bytewise) order at every level, as written above; no whitespace anywhere;
+    - E: the event id, a lowercase hyphenated UUID (8-4-4-4-12 hex digits);
+    - I: the entry's index (its leaf position, from 0), C and D: the posting's credit and debit in minor units; all
+      JSON integers in plain decimal (no sign, no leading zero, no fraction or exponent); in every leaf the ledger
+      writes, exactly one of C and D is 0;
+    - T: the event's occurred_at in UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ, always 6 fraction digits
+      (e.g. "2026-03-01T08:00:00.000000Z");
+    - P: the entry's postings in the entry's order (the order of GET /v1/entries; domain docstring);
+    - A: an account name of the chart ([a-z0-9:-] only); Y: the event type ([A-Za-z] only, e.g. "VoucherMinted").
+
+    Every string is restricted to characters JSON never escapes, so the bytes are fully determined by the fields.
+    Example: a mint of 500 fen at 16:00 Beijing time, entry 3; the JSON is one line, wrapped here at the "\\":
+
+        cvl-leaf-v1
+        {"event_id":"df439b4a-932b-4055-ae24-3f4cda415854","index":3,"occurred_at":"2026-03-01T08:00:00.000000Z",\\
+        "postings":[{"account":"budget:wuxi:2026","credit":0,"debit":500},\\
+        {"account":"voucher:cafe0bca-b754-4088-ae3f-e909a55702b9","credit":500,"debit":0}],"type":"VoucherMinted"}
+
+    Raises ValueError for fields outside these forms (an offline verifier may call it with untrusted input).
+    """
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index {index!r} must be an integer >= 0")
+    if not _UUID_RE.match(event_id):
+        raise ValueError(f"event_id {event_id!r} is not a lowercase UUID")
+    if not _TYPE_RE.match(type):
+        raise ValueError(f"type {type!r} is not an event type name")
+    leaf_postings = []
+    for p in postings:
+        if not _ACCOUNT_RE.match(p.account):
+            raise ValueError(f"account {p.account!r} is not an account of the chart")
+        for amount in (p.debit, p.credit):
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                raise ValueError(f"posting amount {amount!r} on {p.account} must be an integer >= 0")
+        leaf_postings.append(LeafPostingV1(account=p.account, credit=p.credit, debit=p.debit))
+    body = LeafV1(event_id=event_id, index=index, occurred_at=format_occurred_at(occurred_at),
+                  postings=leaf_postings, type=type)
+    return LEAF_V1_PREFIX + _leaf_encoder.encode(body)
+
+
+class Leaf(NamedTuple):
+    index: int
+    event_id: str
+    type: str
+    occurred_at: dt.datetime
+    postings: list[Posting]
+
+
+def parse_leaf_v1(raw: bytes) -> Leaf:
+    """The fields of a version-1 leaf; ValueError unless `raw` is exactly what `leaf_v1` makes of them."""
+    if not raw.startswith(LEAF_V1_PREFIX):
+        raise ValueError("the leaf does not start with b'cvl-leaf-v1\\n'")
+    try:
+        body = _leaf_decoder.decode(raw[len(LEAF_V1_PREFIX):])
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"the leaf's JSON is not a version-1 leaf: {exc}") from exc
+    leaf = Leaf(index=body.index, event_id=body.event_id, type=body.type,
+                occurred_at=parse_occurred_at(body.occurred_at),
+                postings=[Posting(account=p.account, debit=p.debit, credit=p.credit) for p in body.postings])
+    if leaf_v1(*leaf) != raw:
+        raise ValueError("the leaf is not in canonical form")
+    return leaf

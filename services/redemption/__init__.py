@@ -1,0 +1,1 @@
+"""Redemption service: voucher balances consumed from issuing events, and providers redeeming them."""
