@@ -23,6 +23,9 @@ SUBSIDY_RATIO_BP_MAX: Final = 10_000
 BATCH_MINT_MAX: Final = 1000
 
 Amount = Annotated[int, Meta(ge=AMOUNT_MIN, le=AMOUNT_MAX, description="Money in minor units (fen for CNY)")]
+# Zero or more, within one amount's bound: balances of one voucher or one budget, amounts returned.
+Fen = Annotated[int, Meta(ge=0, le=AMOUNT_MAX, description="Money in minor units (fen for CNY), may be zero")]
+FenDelta = Annotated[int, Meta(ge=-AMOUNT_MAX, le=AMOUNT_MAX, description="A signed change, in minor units")]
 # Balances and totals in responses: may be zero, and totals over many vouchers may exceed one amount's bound.
 Total = Annotated[int, Meta(description="Money in minor units (fen for CNY)")]
 CityId = Annotated[str, Meta(pattern=ID_PATTERN, description="City id")]

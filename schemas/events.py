@@ -9,7 +9,7 @@ from typing import Final, Literal, Union
 import msgspec
 
 from .common import (
-    Amount, Beneficiary, CityId, InvoiceNumber, Currency, Name, ProviderId, Reason, SubsidyRatioBp, Timestamp, Total, Uuid, Year,
+    Amount, Beneficiary, CityId, Fen, FenDelta, InvoiceNumber, Currency, Name, ProviderId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
 )
 
 TOPIC_ISSUING: Final = "cvl.issuing.v1"
@@ -28,12 +28,12 @@ class CitySetData(msgspec.Struct, kw_only=True):
 class BudgetSetData(msgspec.Struct, kw_only=True):
     city: CityId
     year: Year
-    amount: Total
-    previous_amount: Total
+    amount: Fen
+    previous_amount: Fen
     # amount - previous_amount: what the ledger moves from the appropriation into the budget (negative: back).
-    delta: Total
-    committed: Total
-    enterprise_cap: Total | None = None
+    delta: FenDelta
+    committed: Fen
+    enterprise_cap: Fen | None = None
     year_end: YearEnd = "lapse"
 
 
@@ -62,14 +62,14 @@ class VoucherRevokedData(msgspec.Struct, kw_only=True):
     year: Year
     reason: Reason
     # Unspent value returned to the budget; 0 until the redemption side has frozen the voucher.
-    returned: Total = 0
+    returned: Fen = 0
 
 
 class VoucherExpiredData(msgspec.Struct, kw_only=True):
     voucher_id: Uuid
     city: CityId
     year: Year
-    amount: Total
+    amount: Fen
     disposition: YearEnd
 
 
@@ -85,7 +85,7 @@ class VoucherRedeemedData(msgspec.Struct, kw_only=True):
     year: Year
     provider: ProviderId
     amount: Amount
-    balance: Total
+    balance: Fen
     invoice: Invoice | None = None
 
 
@@ -105,8 +105,8 @@ class HoldCapturedData(msgspec.Struct, kw_only=True):
     city: CityId
     year: Year
     provider: ProviderId
-    captured: Total
-    released: Total
+    captured: Fen
+    released: Fen
 
 
 class HoldVoidedData(msgspec.Struct, kw_only=True):
