@@ -10,6 +10,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 ENV_FILE    := .run/env
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 # Load .run/env (written by deploy/pg.sh and deploy/kafka.sh) into a recipe.
 LOAD_ENV := set -a && source $(ENV_FILE) && set +a
@@ -52,5 +53,8 @@ down:
 test: venv infra
 	$(LOAD_ENV) && $(VENV)/bin/pytest -q tests $(PYTEST_ARGS)
 
+# wrk (Debian) drives the single-mint phase: a C load generator leaves the services most of the two cores.
 bench: venv infra
-	$(LOAD_ENV) && $(PY) -m load.bench
+	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null || \
+		echo "wrk not installed: the single-mint phase uses the Python client only"
+	$(LOAD_ENV) && $(PY) -m load.bench $(BENCH_ARGS)

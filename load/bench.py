@@ -13,7 +13,9 @@ import asyncio
 import datetime as dt
 import json
 import os
-import statistics
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Final
@@ -23,8 +25,9 @@ import aiohttp
 from tests.harness import ROOT, Stack, create_stack, drop_stack, unique
 
 PHASE_DEADLINE_S: Final = 300.0
-LEDGER_WAIT_S: Final = 600.0
+LEDGER_WAIT_S: Final = 300.0
 PROBES: Final = 100
+WRK_MINT_FEN: Final = 7
 REPORT: Final = ROOT / ".run" / "bench-report.json"
 
 
@@ -99,6 +102,23 @@ async def ack_to_ledger(client: Client, stack: Stack, city: str, year: int, issu
     return out
 
 
+def wrk_mints(url: str, token: str, body: dict, *, seconds: int, connections: int) -> dict:
+    """Single mints driven by wrk (C, so the load generator takes little of the machine's two cores)."""
+    env = {**os.environ, "CVL_WRK_TOKEN": token, "CVL_WRK_BODY": json.dumps(body)}
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+                          "-s", str(Path(__file__).with_name("mint.lua")), f"{url}/v1/vouchers"],
+                         env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds_ = counts["duration_us"] / 1e6
+    result = {"phase": "mint_single_wrk", "requests": counts["requests"], "seconds": round(seconds_, 3),
+              "per_second": round(counts["requests"] / seconds_, 1), "p50_ms": round(counts["p50_us"] / 1000, 2),
+              "p99_ms": round(counts["p99_us"] / 1000, 2),
+              "statuses": {"201": counts["created"], "409": counts["refused"], "other": counts["other"]},
+              "socket_errors": counts["socket_errors"], "connections": connections}
+    print(json.dumps(result))
+    return result
+
+
 def mint_body(city: str, year: int, amount: int) -> dict:
     expires = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=365)).isoformat()
     return {"city": city, "year": year, "beneficiary": "91330100MA2BENCH01", "amount": amount, "expires_at": expires}
@@ -130,6 +150,17 @@ async def main(args: argparse.Namespace) -> int:
 
             single = await run_phase("mint_single", args.mints, args.concurrency, lambda i: client.post(
                 f"{issuing_urls[i % len(issuing_urls)]}/v1/vouchers", issuer, mint_body(city, year, 1 + i % 100)))
+            wrk = None
+            if shutil.which("wrk") and args.wrk_seconds > 0:
+                before = (await client.get(f"{base}/v1/cities/{city}/budgets/{year}", admin))[1]["committed"]
+                wrk = wrk_mints(issuing_urls[0], issuer, mint_body(city, year, WRK_MINT_FEN), seconds=args.wrk_seconds,
+                                connections=args.concurrency)
+                await asyncio.sleep(1)  # requests wrk abandoned at its deadline still complete on the server
+                after = (await client.get(f"{base}/v1/cities/{city}/budgets/{year}", admin))[1]["committed"]
+                # wrk stops with up to `connections` requests in flight: committed, but never counted by wrk.
+                wrk["committed_vouchers"] = (after - before) // WRK_MINT_FEN
+                assert (after - before) % WRK_MINT_FEN == 0
+                assert wrk["statuses"]["201"] <= wrk["committed_vouchers"] <= wrk["statuses"]["201"] + args.concurrency
             batch = await run_phase("mint_batch_1000", args.batches, args.batch_concurrency, lambda i: client.post(
                 f"{issuing_urls[i % len(issuing_urls)]}/v1/vouchers/batch", issuer,
                 {"vouchers": [mint_body(city, year, 1 + j % 50) for j in range(1000)]}))
@@ -154,6 +185,8 @@ async def main(args: argparse.Namespace) -> int:
 
             # Consistency: budget committed == sum of acknowledged vouchers == ledger's issued; redemptions agree.
             issued = sum(v["amount"] for v in minted) + PROBES
+            if wrk is not None:
+                issued += wrk["committed_vouchers"] * WRK_MINT_FEN
             redeemed = sum(r["amount"] for r in redeem["_results"])
             s, budget = await client.get(f"{base}/v1/cities/{city}/budgets/{year}", admin)
             started = time.monotonic()
@@ -173,12 +206,12 @@ async def main(args: argparse.Namespace) -> int:
                 "ledger_redeemed_equals_acknowledged": ledger_report.get("redeemed") == redeemed,
                 "trial_balance_balances": tb["debits"] == tb["credits"],
             }
-            print(json.dumps({"phase": "consistency", "vouchers": len(minted) + PROBES, "issued_fen": issued,
+            print(json.dumps({"phase": "consistency", "vouchers": len(minted) + PROBES + (wrk or {}).get("committed_vouchers", 0), "issued_fen": issued,
                               "budget_committed_fen": budget["committed"], "ledger_issued_fen": ledger_report.get("issued"),
                               "ledger_catch_up_s_after_load": round(drain_s, 1), **checks}))
             for phase in (single, batch, redeem):
                 phase.pop("_results")
-            report["phases"] = [single, batch, redeem, probe]
+            report["phases"] = [single] + ([wrk] if wrk else []) + [batch, redeem, probe]
             report["consistency"] = checks | {"ledger_catch_up_s_after_load": round(drain_s, 1)}
             REPORT.parent.mkdir(exist_ok=True)
             REPORT.write_text(json.dumps(report, indent=2))
@@ -196,9 +229,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-concurrency", type=int, default=4)
     p.add_argument("--redemptions", type=int, default=10_000)
     p.add_argument("--redemption-vouchers", type=int, default=2_000, help="vouchers the redemptions spread over")
+    p.add_argument("--wrk-seconds", type=int, default=15, help="single mints driven by wrk (0: skip)")
     p.add_argument("--issuing", type=int, default=1, help="issuing processes (round-robin)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
     raise SystemExit(asyncio.run(main(parse())))
