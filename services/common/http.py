@@ -1,8 +1,8 @@
 """The HTTP edge shared by the services: routes with their types, errors as problems, auth, idempotency,
 health, metrics, OpenAPI, and a server with graceful shutdown.
 
-Middleware order (outermost first): errors (every failure becomes a problem+json) → metrics (counts what the client
-saw, including problems) → time limit → handler. Authentication is explicit in each handler (`principal(request)`),
+Middleware order (outermost first): metrics (counts and times what the client saw, problems included) → errors
+(every failure becomes a problem+json) → time limit → handler. Authentication is explicit in each handler (`principal(request)`),
 so a reader sees the roles next to the rule they protect.
 """
 from __future__ import annotations
@@ -315,7 +315,7 @@ def openapi(service: str, routes: list[Route]) -> dict:
 
 def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
     app = web.Application(client_max_size=BODY_BYTES_MAX,
-                          middlewares=[errors_middleware, metrics_middleware, timeout_middleware])
+                          middlewares=[metrics_middleware, errors_middleware, timeout_middleware])
     app[SETTINGS] = settings
     app[READY] = ready
     app[ROUTES] = routes
