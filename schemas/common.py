@@ -21,6 +21,8 @@ PROVIDERS_PER_LIST_MAX: Final = 100
 CITIES_PER_PROVIDER_MAX: Final = 1000
 SUBSIDY_RATIO_BP_MAX: Final = 10_000
 BATCH_MINT_MAX: Final = 1000
+HOLD_TIMEOUT_S_MIN: Final = 1               # a hold lives at least a second ...
+HOLD_TIMEOUT_S_MAX: Final = 7 * 24 * 3600   # ... and at most a week before it voids itself
 
 Amount = Annotated[int, Meta(ge=AMOUNT_MIN, le=AMOUNT_MAX, description="Money in minor units (fen for CNY)")]
 # Zero or more, within one amount's bound: balances of one voucher or one budget, amounts returned.
@@ -43,6 +45,8 @@ InvoiceNumber = Annotated[str, Meta(min_length=1, max_length=INVOICE_NUMBER_LENG
 Reason = Annotated[str, Meta(min_length=1, max_length=REASON_LENGTH_MAX)]
 Timestamp = Annotated[dt.datetime, Meta(tz=True, description="RFC 3339 with offset")]
 SubsidyRatioBp = Annotated[int, Meta(ge=1, le=SUBSIDY_RATIO_BP_MAX, description="Share of an invoice covered, in basis points")]
+HoldTimeoutS = Annotated[int, Meta(ge=HOLD_TIMEOUT_S_MIN, le=HOLD_TIMEOUT_S_MAX,
+                                   description="Seconds until an uncaptured hold voids itself")]
 
 
 class Problem(msgspec.Struct, omit_defaults=True):

@@ -54,6 +54,9 @@ class VoucherMintedData(msgspec.Struct, kw_only=True):
     providers: list[ProviderId] | None
     expires_at: Timestamp
     created_at: Timestamp
+    # The budget's year-end policy when the voucher was minted; the redemption service applies the budget's
+    # latest policy (from BudgetSet) at expiry, and this one when it has seen none.
+    year_end: YearEnd = "lapse"
 
 
 class VoucherRevokedData(msgspec.Struct, kw_only=True):
@@ -61,7 +64,8 @@ class VoucherRevokedData(msgspec.Struct, kw_only=True):
     city: CityId
     year: Year
     reason: Reason
-    # Unspent value returned to the budget; 0 until the redemption side has frozen the voucher.
+    # Always 0 from the issuing service: the revocation is an intent. What returns to the budget is decided by the
+    # redemption service when it freezes the voucher, and announced there as VoucherFrozen.
     returned: Fen = 0
 
 
@@ -69,8 +73,24 @@ class VoucherExpiredData(msgspec.Struct, kw_only=True):
     voucher_id: Uuid
     city: CityId
     year: Year
+    # The unspent value that left the voucher: to lapsed:{city}:{year} ("lapse") or back to the budget ("carry").
     amount: Fen
     disposition: YearEnd
+    # Set when a refund on an already expired voucher sends the refunded value the same way.
+    refund_id: Uuid | None = None
+
+
+class VoucherFrozenData(msgspec.Struct, kw_only=True):
+    """The redemption side of a revocation: the voucher takes no new holds or redemptions, its open holds were
+    voided (HoldVoided, reason "revoked"), and `returned` (its unspent balance) goes back to the city's budget."""
+
+    voucher_id: Uuid
+    city: CityId
+    year: Year
+    returned: Fen
+    reason: Reason | None = None
+    # Set when a refund on an already frozen voucher sends the refunded value on to the budget.
+    refund_id: Uuid | None = None
 
 
 class Invoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -97,6 +117,7 @@ class HoldPlacedData(msgspec.Struct, kw_only=True):
     provider: ProviderId
     amount: Amount
     expires_at: Timestamp
+    invoice: Invoice | None = None
 
 
 class HoldCapturedData(msgspec.Struct, kw_only=True):
@@ -107,6 +128,9 @@ class HoldCapturedData(msgspec.Struct, kw_only=True):
     provider: ProviderId
     captured: Fen
     released: Fen
+    # The redemption the capture became (refundable like any other); None only for a capture of 0.
+    redemption_id: Uuid | None = None
+    invoice: Invoice | None = None
 
 
 class HoldVoidedData(msgspec.Struct, kw_only=True):
@@ -180,9 +204,13 @@ class RedemptionRefunded(Envelope, tag="RedemptionRefunded"):
     data: RedemptionRefundedData
 
 
+class VoucherFrozen(Envelope, tag="VoucherFrozen"):
+    data: VoucherFrozenData
+
+
 Event = Union[
     CitySet, BudgetSet, ProviderSet, VoucherMinted, VoucherRevoked, VoucherExpired,
-    VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded,
+    VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded, VoucherFrozen,
 ]
 EVENT_TYPES: Final[tuple[type[Envelope], ...]] = Event.__args__  # type: ignore[attr-defined]
 

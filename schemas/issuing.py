@@ -78,6 +78,14 @@ class Voucher(msgspec.Struct, kw_only=True):
     expires_at: Timestamp
     status: str
     created_at: Timestamp
+    # Value that has come back to the city's budget from this voucher: its unspent balance when a revocation froze
+    # it (plus refunds made after that), or its unspent balance at expiry under year_end "carry".
+    returned: Total = 0
+    # Value that lapsed at expiry under year_end "lapse" (to lapsed:{city}:{year}).
+    lapsed: Total = 0
+    revoked_reason: str | None = None
+    # True from the revocation until the redemption service has frozen the voucher and `returned` is known.
+    revocation_pending: bool = False
 
 
 class BatchMintOut(msgspec.Struct, kw_only=True):

@@ -49,3 +49,30 @@ class Entry(msgspec.Struct, kw_only=True):
 
 class Entries(msgspec.Struct, kw_only=True):
     entries: list[Entry]
+
+
+# --- the audit log (RFC 9162 proofs, C2SP checkpoints) ---------------------------------------------------------------
+
+class InclusionProof(msgspec.Struct, kw_only=True):
+    """RFC 9162 §2.1.3: `path` leads from `leaf_hash` (SHA-256(0x00 ‖ leaf)) to the root of tree `tree_size`."""
+    index: int
+    tree_size: int
+    leaf_hash: str      # base64
+    path: list[str]     # base64, leaf side first
+
+
+class ConsistencyProof(msgspec.Struct, kw_only=True):
+    """RFC 9162 §2.1.4: `path` proves tree `first` is a prefix of tree `second` (empty when they are equal)."""
+    first: int
+    second: int
+    path: list[str]     # base64
+
+
+class CheckpointView(msgspec.Struct, kw_only=True):
+    tree_size: int
+    note: str           # the C2SP signed note, exactly as signed
+    signed_at: Timestamp
+
+
+class Checkpoints(msgspec.Struct, kw_only=True):
+    checkpoints: list[CheckpointView]

@@ -1,4 +1,4 @@
-"""The `cvl` command line: tokens, demo data (and, later, audit export/verify)."""
+"""The `cvl` command line: tokens, demo data, and the auditor's export and verification of the ledger."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Final
 
 from . import auth, settings
@@ -82,6 +83,99 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- audit ------------------------------------------------------------------------------------------------------------
+
+AUDIT_TOKEN_TTL_S: Final = 3600
+
+
+def _auditor_token(explicit: str | None) -> str | None:
+    """--token, else $CVL_TOKEN, else a fresh auditor token signed with $CVL_TOKEN_KEY, else the demo auditor's
+    token in .run/tokens.json, else one signed with .run/token.key (an operator on the ledger's own machine)."""
+    if explicit:
+        return explicit
+    if env := os.environ.get("CVL_TOKEN"):
+        return env
+    if os.environ.get("CVL_TOKEN_KEY"):
+        return auth.issue(_token_key(), role="auditor", ttl_s=AUDIT_TOKEN_TTL_S, sub="cvl-audit")
+    run = settings.run_dir()
+    tokens = run / "tokens.json"
+    if tokens.exists():
+        try:
+            return json.loads(tokens.read_text())["auditor"]
+        except (ValueError, KeyError):
+            pass
+    if (run / "token.key").exists():
+        return auth.issue(_token_key(), role="auditor", ttl_s=AUDIT_TOKEN_TTL_S, sub="cvl-audit")
+    return None
+
+
+def _ledger_url() -> str:
+    return f"http://127.0.0.1:{os.environ.get('CVL_LEDGER_PORT', '8083')}"
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from services.audit import client, export
+
+    if args.out is None and sys.stdout.isatty():
+        print("the export is large: give --out FILE, or redirect standard output", file=sys.stderr)
+        return 2
+    try:
+        ledger = client.LedgerClient(args.url, _auditor_token(args.token))
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    progress = client.Progress("export", enabled=not args.quiet)
+    try:
+        summary = export.export_to(ledger, Path(args.out) if args.out else None, progress=progress)
+    except (client.ApiError, OSError) as exc:
+        print(f"\nexport failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(summary.text(args.out or "standard output"), file=sys.stderr)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from services.audit import client, note, verify
+
+    if args.file and not args.key:
+        print("--file needs --key: the verifier key you trust (the key inside the export proves nothing)",
+              file=sys.stderr)
+        return 2
+    try:
+        ledger = None if args.file else client.LedgerClient(args.url, _auditor_token(args.token))
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    progress = client.Progress("verify", enabled=not args.quiet)
+    try:
+        key = note.load_verifier_key(args.key) if args.key else None
+        if ledger is None:
+            outcome = verify.verify_file(Path(args.file), key, progress=progress)
+        else:
+            outcome = verify.verify_url(ledger, key, progress=progress)
+    except note.NoteError as exc:
+        progress.close()
+        print(f"FAILED: the verifier key: {exc}")
+        return 1
+    except verify.VerificationFailed as exc:
+        progress.close()
+        print(f"FAILED: {exc}")
+        return 1
+    except (client.ApiError, OSError) as exc:
+        progress.close()
+        print(f"FAILED: could not read the log: {exc}")
+        return 1
+    progress.close()
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(outcome.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cvl", description="Compute voucher ledger tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     port = os.environ.get("CVL_ISSUING_PORT", "8081")
     seed.add_argument("--url", default=f"http://127.0.0.1:{port}", help="the issuing service")
     seed.set_defaults(func=cmd_demo_seed)
+
+    audit = sub.add_parser("audit", help="export and verify the ledger's log").add_subparsers(dest="action",
+                                                                                           required=True)
+    token_help = "an unscoped auditor's bearer token (default: $CVL_TOKEN, else .run/tokens.json's auditor)"
+    exp = audit.add_parser("export", help="write the log (entries, checkpoints, key, totals) as JSON Lines")
+    exp.add_argument("--url", default=_ledger_url(), help="the ledger service (default %(default)s)")
+    exp.add_argument("--out", help="the file to write (default: standard output)")
+    exp.add_argument("--token", help=token_help)
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(func=cmd_audit_export)
+    ver = audit.add_parser("verify", help="recompute leaves, roots, signatures and balances; exit 0 when all hold")
+    source = ver.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="verify the live ledger through its API")
+    source.add_argument("--file", help="verify an export written by `cvl audit export`")
+    ver.add_argument("--key", help="the verifier key (name+keyid+key), or a file holding it; required with --file; "
+                                   "with --url, pins the key instead of trusting GET /v1/log/key")
+    ver.add_argument("--token", help=token_help)
+    ver.add_argument("--quiet", action="store_true", help="no progress bar")
+    ver.set_defaults(func=cmd_audit_verify)
 
     args = parser.parse_args(argv)
     return args.func(args)

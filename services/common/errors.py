@@ -87,3 +87,7 @@ class HoldNotActive(ServiceError):
 
 class Conflict(ServiceError):
     status, code, title = 409, "conflict", "The request conflicts with the current state"
+
+
+class TooManyHolds(ServiceError):
+    status, code, title = 409, "too_many_holds", "The voucher already has the most open holds allowed"

@@ -55,6 +55,7 @@ class Route:
     response: type | None = None
     status: int = 200
     params: dict[str, Any] = field(default_factory=dict)  # path and query parameters: name -> type
+    required: tuple[str, ...] = ()  # query parameters without a default (path parameters always are)
 
 
 # --- responses -------------------------------------------------------------------------------------------------------
@@ -230,9 +231,13 @@ async def errors_middleware(request: web.Request, handler):
     except TimeoutError:
         log.error("request timed out", extra={"method": request.method, "path": request.rel_url.path})
         return problem_response(Unavailable(f"the request took longer than {REQUEST_TIMEOUT_S} s"))
-    except (asyncpg.PostgresConnectionStatusError, OSError, asyncpg.CannotConnectNowError) as exc:
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
         log.error("dependency unavailable: %s", exc)
-        return problem_response(Unavailable("the database is not reachable"))
+        return problem_response(Unavailable("the database is not reachable; retry with the same Idempotency-Key"))
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+        # Transient: the transaction was rolled back whole, so a retry is safe.
+        log.warning("transaction aborted, nothing written: %s", exc)
+        return problem_response(Unavailable("the transaction collided with another and was rolled back; retry"))
     except Exception:
         log.exception("unhandled error", extra={"method": request.method, "path": request.rel_url.path})
         return problem_response(ServiceError("an internal error occurred; it has been logged"))
@@ -287,7 +292,8 @@ def openapi(service: str, routes: list[Route]) -> dict:
         for name, type_ in r.params.items():
             (schema,), _ = msgspec.json.schema_components([type_])
             where = "path" if "{" + name + "}" in r.path else "query"
-            parameters.append({"name": name, "in": where, "required": where == "path", "schema": schema})
+            parameters.append({"name": name, "in": where, "required": where == "path" or name in r.required,
+                               "schema": schema})
         if r.method == "POST":
             parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
                                "schema": {"type": "string", "minLength": 1,

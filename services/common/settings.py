@@ -90,3 +90,12 @@ def load(service: str) -> Settings:
         token_key=token_key(run),
         pg_pool_max=int(env.get("CVL_PG_POOL_MAX", PG_POOL_MAX)),
     )
+
+# --- program rules: holds, expiry, statements (issue 4) -------------------------------------------------------------
+# Hold timeouts are bounded in the API types: schemas.common.HOLD_TIMEOUT_S_MIN .. HOLD_TIMEOUT_S_MAX.
+HOLD_SWEEP_INTERVAL_S: Final = 0.5         # how often each redemption process voids holds past their timeout
+EXPIRY_SWEEP_INTERVAL_S: Final = 1.0       # how often each redemption process expires vouchers past expires_at
+SWEEP_BATCH_MAX: Final = 500               # vouchers one sweeper transaction settles (then it goes again at once)
+SWEEP_RETRY_S: Final = 2.0                 # pause after a failed sweep
+OPEN_HOLDS_PER_VOUCHER_MAX: Final = 1000   # open holds on one voucher (a revocation voids them in one transaction)
+STATEMENT_LINES_MAX: Final = 10_000        # redemptions (and, separately, refunds) one statement lists

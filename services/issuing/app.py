@@ -14,15 +14,18 @@ from aiohttp import web
 
 from schemas import events as ev
 from schemas.common import CityId, ProviderId, Uuid, Year
-from schemas.issuing import BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, Voucher
+from schemas.issuing import (
+    BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
+)
 
-from services.common import db, http, kafka, outbox
+from services.common import db, http, kafka, metrics, outbox
 from services.common.auth import require
-from services.common.errors import BudgetBelowCommitted, NotFound, ValidationFailed
+from services.common.consumer import Consumer, Delivered
+from services.common.errors import BudgetBelowCommitted, NotFound, ValidationFailed, VoucherExpired
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 
-from . import store
+from . import rule_metrics, store
 from .writer import Writers
 
 log = logging.getLogger("cvl.issuing")
@@ -32,6 +35,8 @@ MIGRATIONS: Final = Path(__file__).parent / "migrations"
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
 WRITERS: Final = web.AppKey("writers", Writers)
 RELAY: Final = web.AppKey("relay", outbox.Relay)
+CONSUMER_GROUP: Final = "issuing"  # reads the redemption topic: what revocations and expiries gave back
+CONSUMER_DRAIN_S: Final = 10.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -157,6 +162,8 @@ async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, bat
     key = http.idempotency_key(request, who, raw)
     if key is not None and (stored := await http.lookup(request.app[POOL], key)) is not None:
         return stored
+    # After the replay lookup: a retry of a mint whose expires_at has passed since still gets its first answer.
+    _check_future(vouchers, "vouchers[" if batch else "")
     budgets = {(v.city, v.year) for v in vouchers}
     writer_key = next(iter(budgets)) if len(budgets) == 1 else None
     for _attempt in range(3):
@@ -175,14 +182,12 @@ async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, bat
 async def mint(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
     body = http.decode(raw, MintIn)
-    _check_future([body], "")
     return await _mint(request, [body], raw, batch=False)
 
 
 async def mint_batch(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
     body = http.decode(raw, BatchMintIn)
-    _check_future(body.vouchers, "vouchers[")
     return await _mint(request, body.vouchers, raw, batch=True)
 
 
@@ -195,6 +200,61 @@ async def get_voucher(request: web.Request) -> web.Response:
         raise NotFound(f"no voucher {voucher_id}")
     require(who, "admin", "issuer", city=row["city"])
     return json_response(store.voucher_view(row))
+
+
+async def revoke(request: web.Request) -> web.Response:
+    """The issuer revokes a voucher: the saga's first step (see `apply_redemption_events` for its last).
+
+    The voucher is marked revoked here at once and VoucherRevoked (returned 0: an intent) goes out. The redemption
+    service freezes the voucher when it consumes that event (no holds or redemptions after; open holds voided) and
+    announces the unspent balance as VoucherFrozen; this service then returns it to the budget. Revoking a revoked
+    voucher answers the same voucher again and changes nothing; an expired voucher cannot be revoked.
+    """
+    who = principal(request)
+    require(who, "issuer", city=who.city)
+    voucher_id = param(request, "voucher_id", Uuid)
+    raw = await http.read_body(request)
+    body = http.decode(raw, RevokeIn)
+    key = http.idempotency_key(request, who, raw)
+    settings = request.app[http.SETTINGS]
+    revoked: list[Voucher] = []
+
+    async def command(conn: asyncpg.Connection):
+        row = await conn.fetchrow(store.LOCK_VOUCHER_SQL, voucher_id)
+        if row is None:
+            raise NotFound(f"no voucher {voucher_id}")
+        require(who, "issuer", city=row["city"])
+        if row["status"] == "revoked":
+            return 200, store.voucher_view(row)
+        if row["status"] == "expired":
+            raise VoucherExpired(f"voucher {voucher_id} has expired; there is nothing left to revoke")
+        now = outbox.now()
+        updated = await conn.fetchrow(store.REVOKE_VOUCHER_SQL, voucher_id, body.reason, now)
+        assert updated is not None and updated["status"] == "revoked"
+        data = ev.VoucherRevokedData(voucher_id=voucher_id, city=row["city"], year=row["year"], reason=body.reason,
+                                     returned=0)
+        await outbox.append(conn, [(settings.topic_issuing, voucher_id, outbox.envelope(
+            ev.VoucherRevoked, data, producer="issuing", actor=who.subject, occurred_at=now))])
+        view = store.voucher_view(updated)
+        revoked.append(view)
+        return 200, view
+
+    response = await http.run_command(request.app[POOL], key, command)
+    if revoked:
+        request.app[RELAY].wake()
+        rule_metrics.revocations.labels(revoked[0].city, str(revoked[0].year)).inc()
+    return response
+
+
+async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
+    """Consumer handler: the saga's last step (VoucherFrozen) and expiry's return (VoucherExpired with carry)."""
+    settled = await store.apply_redemption_events(conn, delivered)
+    for voucher_id in settled.unknown:
+        rule_metrics.unknown_vouchers.inc()
+        log.error("redemption event for a voucher this service never minted; skipped",
+                  extra={"voucher_id": voucher_id})
+    for (city, year), (amount, committed) in settled.budgets.items():
+        metrics.budget_available.labels(city, str(year)).set(amount - committed)
 
 
 ROUTES: Final = [
@@ -211,6 +271,9 @@ ROUTES: Final = [
           BatchMintIn, BatchMintOut, 201),
     Route("GET", "/v1/vouchers/{voucher_id}", get_voucher, "A voucher", ("admin", "issuer"), None, Voucher,
           params={"voucher_id": Uuid}),
+    Route("POST", "/v1/vouchers/{voucher_id}/revoke", revoke,
+          "Revoke a voucher: it is frozen for redemption and its unspent balance returns to the budget",
+          ("issuer",), RevokeIn, Voucher, params={"voucher_id": Uuid}),
 ]
 
 
@@ -234,12 +297,21 @@ def create_app(settings: Settings) -> web.Application:
         relay = outbox.Relay(settings, SCHEMA)
         writers = Writers(pool, producer="issuing", topic=settings.topic_issuing, encode=_mint_response,
                           on_commit=relay.wake)
+        consumer = Consumer(settings, pool, topics=[settings.topic_redemption], group=CONSUMER_GROUP,
+                            handler=apply_redemption_events)
         app[POOL], app[RELAY], app[WRITERS] = pool, relay, writers
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        consumer_task = asyncio.create_task(consumer.run(), name="redemption-consumer")
         sweeper = asyncio.create_task(http.sweep_idempotency_keys(pool), name="idempotency-sweeper")
         yield
-        # Drain in dependency order: writers commit what is queued, the relay publishes it, then the pool closes.
+        # Drain in dependency order: writers commit what is queued, the consumer its batch, the relay publishes
+        # what is committed, then the pool closes.
         await writers.close()
+        await consumer.stop()
+        try:
+            await asyncio.wait_for(consumer_task, CONSUMER_DRAIN_S)
+        except TimeoutError:
+            log.error("redemption consumer did not stop in time; its uncommitted batch will be redelivered")
         await relay.stop()
         try:
             await asyncio.wait_for(relay_task, 15)

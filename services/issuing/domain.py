@@ -1,7 +1,13 @@
-"""Issuing rules, free of I/O: which mint commands of a batch fit their budgets, in arrival order.
+"""Issuing rules, free of I/O: which mint commands of a batch fit their budgets and enterprise caps, in arrival order,
+and what value coming back from the redemption side does to them.
 
-Invariant protected: for every (city, year), committed never exceeds amount. A command is all or nothing (a batch
-request of up to 1000 vouchers is one command); a command that would overdraw is refused alone, the others proceed.
+Invariants protected:
+- for every (city, year), committed never exceeds amount;
+- for every (city, year, beneficiary), used never exceeds the budget's enterprise_cap (when one is set) at the time
+  of a mint, where used = the enterprise's minted amounts less what came back to the budget (revocation, carry);
+- for every (city, year), committed == the sum of used over its beneficiaries.
+A command is all or nothing (a batch request of up to 1000 vouchers is one command); a command that would overdraw
+a budget or a cap is refused alone, the others proceed.
 """
 from __future__ import annotations
 
@@ -10,15 +16,18 @@ from dataclasses import dataclass
 
 from schemas.issuing import MintIn
 
-from services.common.errors import BudgetExceeded, NotFound, ServiceError
+from services.common.errors import BudgetExceeded, EnterpriseCapExceeded, NotFound, ServiceError
 
 BudgetKey = tuple[str, int]
+UsageKey = tuple[str, int, str]  # (city, year, beneficiary)
 
 
 @dataclass
 class BudgetState:
     amount: int
     committed: int
+    enterprise_cap: int | None = None  # None: no per-enterprise cap
+    year_end: str = "lapse"
 
     @property
     def available(self) -> int:
@@ -33,6 +42,14 @@ def needs(vouchers: list[MintIn]) -> dict[BudgetKey, int]:
     return out
 
 
+def usage_needs(vouchers: list[MintIn]) -> dict[UsageKey, int]:
+    """What a command adds to each enterprise's yearly usage."""
+    out: dict[UsageKey, int] = defaultdict(int)
+    for v in vouchers:
+        out[(v.city, v.year, v.beneficiary)] += v.amount
+    return out
+
+
 def check_budgets_cover(budgets: dict[BudgetKey, BudgetState], need: dict[BudgetKey, int]) -> None:
     for (city, year), amount in sorted(need.items()):
         budget = budgets.get((city, year))
@@ -44,18 +61,67 @@ def check_budgets_cover(budgets: dict[BudgetKey, BudgetState], need: dict[Budget
                 field="amount")
 
 
-def decide(budgets: dict[BudgetKey, BudgetState], commands: list[list[MintIn]]) -> list[ServiceError | None]:
-    """Apply commands in order against `budgets` (mutated); None means accepted, else the refusal."""
+def check_enterprise_caps(budgets: dict[BudgetKey, BudgetState], usage: dict[UsageKey, int],
+                          need: dict[UsageKey, int]) -> None:
+    """Each enterprise's usage in a (city, year), this command included, stays within the budget's cap."""
+    for (city, year, beneficiary), amount in sorted(need.items()):
+        cap = budgets[(city, year)].enterprise_cap
+        used = usage.get((city, year, beneficiary), 0)
+        if cap is not None and used + amount > cap:
+            raise EnterpriseCapExceeded(
+                f"{beneficiary} has {used} of its yearly cap of {cap} in {city} {year}; {amount} more would exceed it",
+                field="amount")
+
+
+def decide(budgets: dict[BudgetKey, BudgetState], usage: dict[UsageKey, int],
+           commands: list[list[MintIn]]) -> list[ServiceError | None]:
+    """Apply commands in order against `budgets` and `usage` (both mutated); None means accepted, else the refusal.
+
+    The budget is checked first (the city-wide bound), then the enterprise's cap.
+    """
     outcomes: list[ServiceError | None] = []
     for vouchers in commands:
         need = needs(vouchers)
+        need_usage = usage_needs(vouchers)
         try:
             check_budgets_cover(budgets, need)
+            check_enterprise_caps(budgets, usage, need_usage)
         except ServiceError as refusal:
             outcomes.append(refusal)
             continue
         for key, amount in need.items():
             budgets[key].committed += amount
             assert budgets[key].committed <= budgets[key].amount
+        for ukey, amount in need_usage.items():
+            usage[ukey] = usage.get(ukey, 0) + amount
+            cap = budgets[ukey[:2]].enterprise_cap
+            assert cap is None or usage[ukey] <= cap
         outcomes.append(None)
     return outcomes
+
+
+# --- value coming back from the redemption side ----------------------------------------------------------------------
+
+@dataclass
+class Settlement:
+    """What the redemption side's events did to one voucher, summed over a consumer batch."""
+
+    returned: int = 0   # back to the budget: VoucherFrozen, or VoucherExpired with "carry"
+    lapsed: int = 0     # VoucherExpired with "lapse": stays committed (the value lapsed, it is not available)
+    frozen: bool = False
+    expired: bool = False
+
+
+def settle_frozen(s: Settlement, returned: int) -> None:
+    assert returned >= 0
+    s.returned += returned
+    s.frozen = True
+
+
+def settle_expired(s: Settlement, amount: int, disposition: str) -> None:
+    assert amount >= 0 and disposition in ("lapse", "carry")
+    if disposition == "carry":
+        s.returned += amount
+    else:
+        s.lapsed += amount
+    s.expired = True

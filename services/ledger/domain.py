@@ -21,6 +21,11 @@ Postings of an entry, in the order they are listed (debit postings first, then c
     VoucherRevoked          D voucher:{voucher_id} returned          C budget:{city}:{year} returned
     VoucherExpired          D voucher:{voucher_id} amount            C lapsed:{city}:{year} amount (disposition "lapse")
                                                                      or C budget:{city}:{year} amount ("carry")
+    VoucherFrozen           D voucher:{voucher_id} returned          C budget:{city}:{year} returned
+
+A revocation is a saga: VoucherRevoked (issuing) is the intent and always carries returned = 0, so it posts nothing;
+VoucherFrozen (redemption) moves what was actually unspent when the voucher was frozen, and again any refund made
+on the frozen voucher afterwards. Both count as "revoked" in the city report.
 
 A posting whose amount would be zero is omitted (a capture of 0 has no provider posting; a revocation that returned
 0 has none at all). `hold:` accounts are per voucher (CONTRACT.md: `hold:{voucher_id}`), not per hold.
@@ -171,6 +176,9 @@ def postings(event: ev.Event) -> list[Posting]:
             _not_negative(event, amount=d.amount)
             to = lapsed(d.city, d.year) if d.disposition == "lapse" else budget(d.city, d.year)
             return _move(d.amount, voucher(d.voucher_id), to)
+        case ev.VoucherFrozen(data=d):
+            _not_negative(event, returned=d.returned)
+            return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year))
         case _:
             assert_never(event)
 
@@ -250,6 +258,8 @@ def report_delta(event: ev.Event, entry_postings: list[Posting]) -> tuple[CityYe
             counters = {"revoked": d.returned}
         case ev.VoucherExpired(data=d):
             counters = {"expired": d.amount}
+        case ev.VoucherFrozen(data=d):
+            counters = {"revoked": d.returned}
         case ev.HoldPlaced(data=d) | ev.HoldVoided(data=d):
             counters = {}  # value moves between the voucher and its hold: outstanding is unchanged
         case _:

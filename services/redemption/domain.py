@@ -1,9 +1,12 @@
-"""Redemption rules, free of I/O: who may redeem a voucher, how much, against which invoice.
+"""Redemption rules, free of I/O: who may redeem a voucher, how much, against which invoice; holds, refunds, and
+where value goes when a voucher is frozen (revocation) or expires.
 
 Invariant protected: a voucher's value is conserved and never overdrawn:
-    balance + held + redeemed == amount + refunded,  balance >= 0,  captured + held <= amount
-where captured = redeemed - refunded. The checks below run in the order that gives a provider the clearest answer
-(CONTRACT.md): revoked → expired → eligibility → invoice rules → balance.
+    balance + held + redeemed + returned + expired == amount + refunded,  balance >= 0,  captured + held <= amount
+where captured = redeemed - refunded, returned = what revocation sent back to the budget, expired = what left at
+expiry (lapsed or carried). A revoked or expired voucher keeps nothing: balance == held == 0. The checks below run
+in the order that gives a provider the clearest answer (CONTRACT.md): revoked → expired → eligibility → invoice
+rules → balance.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from schemas.common import SUBSIDY_RATIO_BP_MAX
 from schemas.events import Invoice
 
 from services.common.errors import (
-    InsufficientBalance, ProviderNotEligible, SubsidyRatioExceeded, VoucherExpired, VoucherRevoked,
+    Forbidden, HoldNotActive, InsufficientBalance, ProviderNotEligible, SubsidyRatioExceeded, TooManyHolds,
+    VoucherExpired, VoucherRevoked,
 )
 
 
@@ -34,16 +38,21 @@ class VoucherState:
     providers: list[str] | None  # when set, only these providers may redeem
     expires_at: dt.datetime
     status: str      # active | revoked | expired
+    returned: int = 0          # sent back to the budget by a revocation (and refunds after it)
+    expired: int = 0           # left at expiry (and refunds after it), lapsed or carried
+    year_end: str = "lapse"    # the budget's policy at mint
+    disposition: str | None = None  # lapse | carry, once expired
 
 
 def assert_value_conserved(v: VoucherState) -> None:
     """Programmer-error check, run where a voucher is written and where it is read back."""
     assert v.balance >= 0, f"voucher {v.voucher_id}: balance {v.balance} is negative"
-    assert min(v.held, v.redeemed, v.refunded) >= 0, f"voucher {v.voucher_id}: a negative total"
-    assert v.balance + v.held + v.redeemed == v.amount + v.refunded, \
-        f"voucher {v.voucher_id}: balance + held + redeemed != amount + refunded"
+    assert min(v.held, v.redeemed, v.refunded, v.returned, v.expired) >= 0, f"voucher {v.voucher_id}: a negative total"
+    assert v.balance + v.held + v.redeemed + v.returned + v.expired == v.amount + v.refunded, \
+        f"voucher {v.voucher_id}: balance + held + redeemed + returned + expired != amount + refunded"
     assert v.redeemed - v.refunded + v.held <= v.amount, \
         f"voucher {v.voucher_id}: captured + held exceeds the amount"
+    assert v.status == "active" or v.balance == v.held == 0, f"voucher {v.voucher_id}: {v.status} but holds value"
 
 
 def status_at(v: VoucherState, now: dt.datetime) -> str:
@@ -105,3 +114,86 @@ def check_redeemable(v: VoucherState, provider: str, whitelisted_cities: list[st
     check_not_expired(v, now)
     check_provider_eligible(v, provider, whitelisted_cities)
     check_within_subsidy_ratio(v, amount, invoice)
+
+
+# --- holds -----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HoldState:
+    hold_id: str
+    voucher_id: str
+    provider: str
+    amount: int
+    status: str               # active | captured | voided | expired
+    expires_at: dt.datetime
+
+
+def hold_status_at(h: HoldState, now: dt.datetime) -> str:
+    """An active hold past its timeout is expired, even before the sweeper has voided it."""
+    if h.status == "active" and now >= h.expires_at:
+        return "expired"
+    return h.status
+
+
+def check_hold_owner(h: HoldState, provider: str | None) -> None:
+    """Only the provider that placed a hold may capture or void it (an admin may read it)."""
+    if provider != h.provider:
+        raise Forbidden(f"hold {h.hold_id} belongs to another provider")
+
+
+def check_hold_active(h: HoldState, now: dt.datetime, reason: str | None = None) -> None:
+    status = hold_status_at(h, now)
+    if status != "active":
+        why = f" ({reason})" if reason and status == "voided" else ""
+        raise HoldNotActive(f"hold {h.hold_id} is {status}{why}; it cannot be settled again")
+
+
+def check_within_hold(h: HoldState, amount: int) -> None:
+    if amount > h.amount:
+        raise InsufficientBalance(f"{amount} exceeds the {h.amount} held by hold {h.hold_id}", field="amount")
+
+
+def check_open_holds(v: VoucherState, open_holds: int, limit: int) -> None:
+    if open_holds >= limit:
+        raise TooManyHolds(f"voucher {v.voucher_id} already has {open_holds} open holds, the most allowed")
+
+
+# --- refunds ---------------------------------------------------------------------------------------------------------
+
+def check_refund_owner(redemption_provider: str, redemption_id: str, provider: str) -> None:
+    if provider != redemption_provider:
+        raise Forbidden(f"redemption {redemption_id} was made by another provider")
+
+
+def check_refund_within_redeemed(redemption_id: str, amount: int, redeemed: int, refunded: int) -> None:
+    """In total, refunds of one redemption never exceed what it redeemed (insufficient_balance: the redemption's
+    refundable balance is too low)."""
+    if refunded + amount > redeemed:
+        raise InsufficientBalance(
+            f"{amount} exceeds what can still be refunded of redemption {redemption_id} "
+            f"({redeemed - refunded} of {redeemed})", field="amount")
+
+
+def refund_destination(v: VoucherState) -> str:
+    """Where a refund's value ends up: back on the voucher while it is active; a frozen (revoked) voucher sends it
+    on to the budget at once; an expired one as its year-end disposition says."""
+    if v.status == "active":
+        return "voucher"
+    if v.status == "revoked":
+        return "budget"
+    assert v.status == "expired" and v.disposition in ("lapse", "carry"), v
+    return "lapsed" if v.disposition == "lapse" else "carried"
+
+
+# --- expiry ----------------------------------------------------------------------------------------------------------
+
+def expiry_disposition(v: VoucherState, budget_policy: str | None) -> str:
+    """The budget's latest year-end policy known here (BudgetSet), else the one the voucher was minted under."""
+    disposition = budget_policy or v.year_end
+    assert disposition in ("lapse", "carry"), disposition
+    return disposition
+
+
+def is_due_to_expire(v: VoucherState, now: dt.datetime) -> bool:
+    """An active voucher past expires_at with no open hold (a hold is settled or voided first, then it expires)."""
+    return v.status == "active" and now >= v.expires_at and v.held == 0

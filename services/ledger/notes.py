@@ -1,0 +1,181 @@
+"""Signed checkpoints: C2SP tlog-checkpoint bodies in C2SP signed notes, signed with the log's Ed25519 key.
+
+    body = origin "\\n" tree size (decimal) "\\n" base64(root) "\\n"                    (c2sp.org/tlog-checkpoint)
+    note = body "\\n" "— " key name " " base64(key ID ‖ Ed25519 signature over body) "\\n"  (c2sp.org/signed-note)
+
+The key name is the origin. key ID = SHA-256(key name ‖ 0x0A ‖ 0x01 ‖ 32-byte public key)[:4]; the verifier key that
+auditors configure (GET /v1/log/key) is `name+hex(key ID)+base64(0x01 ‖ public key)`, as Go's golang.org/x/mod/sumdb
+/note and the C2SP tools print it.
+
+The private key is a C2SP/Go note private key string, `PRIVATE+KEY+name+hex(key ID)+base64(0x01 ‖ 32-byte seed)`:
+from the environment variable CVL_LOG_KEY when set (a key made elsewhere, e.g. by Go's note.GenerateKey), else from
+`.run/log.key`, generated once on first start (mode 0600; the first of several starting replicas wins). Its name must
+equal the origin (CVL_LOG_ORIGIN, default "cvl.example/ledger"): a log's checkpoints are signed under one name.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+ORIGIN_DEFAULT: Final = "cvl.example/ledger"
+ORIGIN_ENV: Final = "CVL_LOG_ORIGIN"
+KEY_ENV: Final = "CVL_LOG_KEY"
+KEY_FILE: Final = "log.key"
+ALG_ED25519: Final = 0x01
+SEED_SIZE: Final = 32
+KEY_ID_SIZE: Final = 4
+SIGNATURE_SIZE: Final = 64
+NOTE_LENGTH_MAX: Final = 4096       # a checkpoint note with one signature is ~150 bytes
+SIGNATURE_PREFIX: Final = "\u2014 "  # em dash, space
+# A key name: non-empty, no Unicode space, no '+'; we also keep it printable ASCII so it is safe in any header.
+_NAME_RE: Final = re.compile(r"^[\x21-\x2a\x2c-\x7e]{1,255}$")
+
+
+class NoteError(ValueError):
+    """A note, key or checkpoint that is malformed or does not verify."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise NoteError(f"{name!r} is not a key name (printable ASCII, no spaces, no '+', 1-255 characters)")
+    return name
+
+
+def key_id(name: str, public_key: bytes) -> bytes:
+    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + public_key).digest()[:KEY_ID_SIZE]
+
+
+class LogKey(NamedTuple):
+    name: str
+    private: Ed25519PrivateKey
+    public: bytes                   # 32 bytes
+    id: bytes                       # 4 bytes
+
+    @classmethod
+    def from_seed(cls, name: str, seed: bytes) -> LogKey:
+        assert len(seed) == SEED_SIZE
+        private = Ed25519PrivateKey.from_private_bytes(seed)
+        public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return cls(check_name(name), private, public, key_id(name, public))
+
+    def verifier(self) -> str:
+        """The C2SP verifier key: `name+hexkeyid+base64(0x01 ‖ public key)`."""
+        return f"{self.name}+{self.id.hex()}+{base64.b64encode(bytes([ALG_ED25519]) + self.public).decode()}"
+
+    def sign(self, text: str) -> str:
+        """`text` (ending in a newline) as a signed note with this key's one signature."""
+        assert text.endswith("\n") and len(text) < NOTE_LENGTH_MAX, text
+        signature = self.private.sign(text.encode())
+        return f"{text}\n{SIGNATURE_PREFIX}{self.name} {base64.b64encode(self.id + signature).decode()}\n"
+
+
+def format_private_key(name: str, seed: bytes) -> str:
+    key = LogKey.from_seed(name, seed)
+    return f"PRIVATE+KEY+{name}+{key.id.hex()}+{base64.b64encode(bytes([ALG_ED25519]) + seed).decode()}"
+
+
+def parse_private_key(text: str) -> LogKey:
+    parts = text.strip().split("+", 4)  # the base64 key may hold "+" too
+    if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
+        raise NoteError("a log key is PRIVATE+KEY+<name>+<hex key id>+<base64(0x01 ‖ seed)>")
+    _, _, name, hex_id, encoded = parts
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise NoteError("the log key's last field is not base64") from exc
+    if len(raw) != 1 + SEED_SIZE or raw[0] != ALG_ED25519:
+        raise NoteError("the log key is not an Ed25519 key (0x01 followed by a 32-byte seed)")
+    key = LogKey.from_seed(check_name(name), raw[1:])
+    if key.id.hex() != hex_id.lower():
+        raise NoteError(f"the log key's id {hex_id} does not match its name and public key ({key.id.hex()})")
+    return key
+
+
+def origin_from_env() -> str:
+    return check_name(os.environ.get(ORIGIN_ENV, ORIGIN_DEFAULT))
+
+
+def load_log_key(run_dir: Path, origin: str) -> LogKey:
+    """The signing key: CVL_LOG_KEY, else `run_dir/log.key`, created once (the first process to link it wins)."""
+    if text := os.environ.get(KEY_ENV):
+        key, where = parse_private_key(text), KEY_ENV
+    else:
+        path = run_dir / KEY_FILE
+        if not path.exists():
+            tmp = path.with_name(f"{KEY_FILE}.{os.getpid()}.tmp")
+            tmp.write_text(format_private_key(origin, os.urandom(SEED_SIZE)) + "\n")
+            tmp.chmod(0o600)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            tmp.unlink(missing_ok=True)
+        key, where = parse_private_key(path.read_text()), str(path)
+    if key.name != origin:
+        raise NoteError(f"the log key in {where} is named {key.name!r} but the log's origin is {origin!r}: "
+                        f"set {ORIGIN_ENV}={key.name} or give a key of that name")
+    return key
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------------
+
+class Checkpoint(NamedTuple):
+    origin: str
+    size: int
+    root: bytes
+
+
+def checkpoint_body(origin: str, size: int, root: bytes) -> str:
+    assert size >= 0 and len(root) == 32
+    return f"{check_name(origin)}\n{size}\n{base64.b64encode(root).decode()}\n"
+
+
+def parse_checkpoint_body(text: str) -> Checkpoint:
+    lines = text.split("\n")
+    if len(lines) < 4 or lines[-1] != "":
+        raise NoteError("a checkpoint is origin, size and root hash, each on its own line")
+    origin, size, root = lines[0], lines[1], lines[2]
+    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", size):
+        raise NoteError(f"the checkpoint's size {size!r} is not a decimal number")
+    try:
+        raw_root = base64.b64decode(root, validate=True)
+    except binascii.Error as exc:
+        raise NoteError("the checkpoint's root is not base64") from exc
+    if len(raw_root) != 32:
+        raise NoteError("the checkpoint's root is not 32 bytes")
+    return Checkpoint(origin, int(size), raw_root)
+
+
+def open_note(note: str, key: LogKey) -> Checkpoint:
+    """The checkpoint in `note`, after checking `key`'s signature on it (used before signing the next one)."""
+    text, sep, signatures = note.rpartition("\n\n")
+    if not sep:
+        raise NoteError("the note has no blank line before its signatures")
+    text += "\n"
+    for line in signatures.splitlines():
+        if not line.startswith(SIGNATURE_PREFIX):
+            raise NoteError("a signature line does not start with an em dash")
+        name, _, encoded = line[len(SIGNATURE_PREFIX):].partition(" ")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise NoteError("a signature is not base64") from exc
+        if name != key.name or raw[:KEY_ID_SIZE] != key.id:
+            continue            # signatures from other keys are ignored (C2SP signed-note)
+        if len(raw) != KEY_ID_SIZE + SIGNATURE_SIZE:
+            raise NoteError("the signature is not 64 bytes")
+        try:
+            Ed25519PublicKey.from_public_bytes(key.public).verify(raw[KEY_ID_SIZE:], text.encode())
+        except InvalidSignature as exc:
+            raise NoteError("the note's signature does not verify") from exc
+        return parse_checkpoint_body(text)
+    raise NoteError(f"the note carries no signature by {key.name}")

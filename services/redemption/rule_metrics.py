@@ -1,0 +1,22 @@
+"""Redemption metrics for the program rules: holds, refunds, freezes (revocation), expiry and the sweepers."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+holds = Counter("cvl_holds_total", "Hold commands and hold endings, by outcome (placed, captured, voided, expired, "
+                "revoked, or the refusal's code)", ["city", "outcome"])
+hold_amount = Counter("cvl_hold_amount_fen_total", "Amounts placed on hold, captured and released, in minor units",
+                      ["city", "movement"])
+refunds = Counter("cvl_refunds_total", "Refund commands, by outcome (where the value went, or the refusal's code)",
+                  ["city", "outcome"])
+amount_refunded = Counter("cvl_amount_refunded_fen_total", "Amount refunded, in minor units", ["city"])
+vouchers_frozen = Counter("cvl_vouchers_frozen_total", "Vouchers frozen by a revocation", ["city"])
+amount_frozen = Counter("cvl_amount_frozen_fen_total", "Unspent value a freeze returned to the budget", ["city"])
+vouchers_expired = Counter("cvl_vouchers_expired_total", "Vouchers expired by the sweeper", ["city", "disposition"])
+amount_expired = Counter("cvl_amount_expired_fen_total", "Unspent value at expiry, in minor units",
+                         ["city", "disposition"])
+sweeps = Counter("cvl_sweeps_total", "Sweeper rounds, by sweeper and outcome (ok, failed)", ["sweeper", "outcome"])
+sweep_duration = Histogram("cvl_sweep_duration_seconds", "Duration of one sweeper transaction", ["sweeper"],
+                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
+unknown_revocations = Counter("cvl_redemption_unknown_revocations_total",
+                              "Revocations of a voucher whose mint was never consumed here (skipped)")
