@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import expires
 
 
 async def assert_nothing_minted(w) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import expires
 from tests.harness import Api
 
 

@@ -28,7 +28,7 @@ from .errors import (
     IdempotencyKeyReused, NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed,
 )
 from .settings import (
-    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, IDEMPOTENCY_RETENTION_S, IDEMPOTENCY_SWEEP_INTERVAL_S,
+    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, READY_CHECK_TIMEOUT_S, IDEMPOTENCY_RETENTION_S, IDEMPOTENCY_SWEEP_INTERVAL_S,
     REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, Settings,
 )
 
@@ -261,6 +261,18 @@ async def timeout_middleware(request: web.Request, handler):
 
 
 # --- health, metrics, OpenAPI ----------------------------------------------------------------------------------------
+
+def ready_check(pool: Callable[[], asyncpg.Pool], kafka_probe) -> Callable[[], Awaitable[dict[str, bool]]]:
+    """The /readyz check of a service: PostgreSQL answers a query and Kafka a metadata request, now."""
+    async def ready() -> dict[str, bool]:
+        try:
+            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+                pg = await pool().fetchval("SELECT true")
+        except Exception:
+            pg = False
+        return {"postgres": bool(pg), "kafka": await kafka_probe.ping()}
+    return ready
+
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "service": request.app[SETTINGS].service})

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from pathlib import Path
 from typing import Final
@@ -280,15 +279,7 @@ ROUTES: Final = [
 def create_app(settings: Settings) -> web.Application:
     probe = kafka.Probe(settings)
 
-    async def ready() -> dict[str, bool]:
-        try:
-            async with asyncio.timeout(2):
-                pg = await app[POOL].fetchval("SELECT true")
-        except Exception:
-            pg = False
-        return {"postgres": bool(pg), "kafka": await probe.ping()}
-
-    app = http.base_app(settings, ROUTES, ready)
+    app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
 
     async def resources(app: web.Application):
         await kafka.ensure_topics(settings)

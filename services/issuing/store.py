@@ -1,7 +1,6 @@
 """Issuing SQL: named, parameterised statements and the batched mint transaction."""
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -10,7 +9,7 @@ from typing import Final, NamedTuple
 import asyncpg
 
 from schemas import events as ev
-from schemas.issuing import Budget, City, MintIn, Provider, Voucher
+from schemas.issuing import Budget, MintIn, Voucher
 
 from services.common import outbox
 from services.common.consumer import Delivered

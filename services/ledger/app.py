@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Annotated, Final
 
 import asyncpg
-import msgspec
 from aiohttp import web
 from msgspec import Meta
 from prometheus_client import Counter, Gauge
 
-from schemas.common import CityId, Timestamp, Year
+from schemas.common import CityId, Year
 from schemas.ledger import (
     Account, CheckpointView, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
 )
@@ -39,7 +38,7 @@ from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import Forbidden, NotFound, ValidationFailed
 from services.common.http import Route, json_response, param, principal
-from services.common.settings import READY_CHECK_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, Settings
+from services.common.settings import SHUTDOWN_TIMEOUT_S, Settings
 
 from . import domain, merkle, notes, page, store
 
@@ -330,15 +329,7 @@ ROUTES: Final = [
 def create_app(settings: Settings) -> web.Application:
     probe = kafka.Probe(settings)
 
-    async def ready() -> dict[str, bool]:
-        try:
-            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-                pg = await app[POOL].fetchval("SELECT true")
-        except Exception:
-            pg = False
-        return {"postgres": bool(pg), "kafka": await probe.ping()}
-
-    app = http.base_app(settings, ROUTES, ready)
+    app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
     app[LOG_KEY] = notes.load_log_key(settings.run_dir, notes.origin_from_env())
     log.info("checkpoints are signed with the log key", extra={"verifier_key": app[LOG_KEY].verifier()})
 

@@ -24,7 +24,7 @@ from services.common.auth import require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
 from services.common.http import IdempotencyKey, Route, json_response, param, principal
-from services.common.settings import READY_CHECK_TIMEOUT_S, Settings
+from services.common.settings import Settings
 
 from . import domain, rule_metrics, store, sweeper
 
@@ -284,15 +284,7 @@ ROUTES: Final = [
 def create_app(settings: Settings) -> web.Application:
     probe = kafka.Probe(settings)
 
-    async def ready() -> dict[str, bool]:
-        try:
-            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-                pg = await app[POOL].fetchval("SELECT true")
-        except Exception:
-            pg = False
-        return {"postgres": bool(pg), "kafka": await probe.ping()}
-
-    app = http.base_app(settings, ROUTES, ready)
+    app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
 
     async def resources(app: web.Application):
         await kafka.ensure_topics(settings)
