@@ -29,6 +29,8 @@ KAFKA_PARTITIONS: Final = 12
 KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
 READY_CHECK_TIMEOUT_S: Final = 2.0
 SHUTDOWN_TIMEOUT_S: Final = 20.0
+CONSUMER_DRAIN_S: Final = 10.0             # a stopping consumer finishes its batch (one poll + one commit)
+RELAY_DRAIN_S: Final = 15.0                # the relay publishes what is committed before the pool closes
 TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
 
 ROOT: Final = Path(__file__).resolve().parents[2]

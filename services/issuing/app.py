@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Final
@@ -17,12 +16,12 @@ from schemas.issuing import (
     BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
 )
 
-from services.common import db, http, kafka, metrics, outbox
+from services.common import db, http, kafka, metrics, outbox, tasks
 from services.common.auth import require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import BudgetBelowCommitted, NotFound, ValidationFailed, VoucherExpired
 from services.common.http import Route, json_response, param, principal
-from services.common.settings import Settings
+from services.common.settings import CONSUMER_DRAIN_S, RELAY_DRAIN_S, Settings
 
 from . import rule_metrics, store
 from .writer import Writers
@@ -35,7 +34,6 @@ POOL: Final = web.AppKey("pool", asyncpg.Pool)
 WRITERS: Final = web.AppKey("writers", Writers)
 RELAY: Final = web.AppKey("relay", outbox.Relay)
 CONSUMER_GROUP: Final = "issuing"  # reads the redemption topic: what revocations and expiries gave back
-CONSUMER_DRAIN_S: Final = 10.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -298,19 +296,11 @@ def create_app(settings: Settings) -> web.Application:
         # Drain in dependency order: writers commit what is queued, the consumer its batch, the relay publishes
         # what is committed, then the pool closes.
         await writers.close()
-        await consumer.stop()
-        try:
-            await asyncio.wait_for(consumer_task, CONSUMER_DRAIN_S)
-        except TimeoutError:
-            log.error("redemption consumer did not stop in time; its uncommitted batch will be redelivered")
-        await relay.stop()
-        try:
-            await asyncio.wait_for(relay_task, 15)
-        except TimeoutError:
-            log.error("outbox relay did not drain in time; rows stay in the outbox for the next start")
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        await tasks.stop_within(consumer.stop, consumer_task, CONSUMER_DRAIN_S,
+                                "redemption consumer did not stop in time; its uncommitted batch will be redelivered")
+        await tasks.stop_within(relay.stop, relay_task, RELAY_DRAIN_S,
+                                "outbox relay did not drain in time; rows stay in the outbox for the next start")
+        await tasks.cancel_all([sweeper])
         await probe.close()
         await pool.close()
 

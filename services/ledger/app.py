@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from schemas.ledger import (
     Account, CheckpointView, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
 )
 
-from services.common import db, http, kafka, metrics
+from services.common import db, http, kafka, metrics, tasks
 from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import Forbidden, NotFound, ValidationFailed
@@ -345,16 +344,9 @@ def create_app(settings: Settings) -> web.Application:
                       asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY]), name="checkpoint-signer")]
         yield
         # Drain: the consumer finishes (commits) the batch in hand and stops polling; then the pool closes.
-        await consumer.stop()
-        try:
-            await asyncio.wait_for(consumer_task, SHUTDOWN_TIMEOUT_S)
-        except TimeoutError:
-            log.error("the consumer did not stop in time; its uncommitted batch will be redelivered")
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.stop_within(consumer.stop, consumer_task, SHUTDOWN_TIMEOUT_S,
+                                "the consumer did not stop in time; its uncommitted batch will be redelivered")
+        await tasks.cancel_all(background)
         await probe.close()
         await pool.close()
 

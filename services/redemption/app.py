@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,12 +18,12 @@ from schemas.redemption import (
     VoucherView,
 )
 
-from services.common import db, http, kafka, metrics, outbox
+from services.common import db, http, kafka, metrics, outbox, tasks
 from services.common.auth import require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
 from services.common.http import IdempotencyKey, Route, json_response, param, principal
-from services.common.settings import Settings
+from services.common.settings import CONSUMER_DRAIN_S, RELAY_DRAIN_S, Settings
 
 from . import domain, rule_metrics, store, sweeper
 
@@ -33,8 +32,6 @@ log = logging.getLogger("cvl.redemption")
 SCHEMA: Final = "redemption"
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 CONSUMER_GROUP: Final = "redemption"
-CONSUMER_DRAIN_S: Final = 10.0   # a stopping consumer finishes its batch (one poll of CONSUMER_POLL_MS + one commit)
-RELAY_DRAIN_S: Final = 15.0      # the relay publishes what is committed before the pool closes
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
 RELAY: Final = web.AppKey("relay", outbox.Relay)
 CITY_UNKNOWN: Final = "unknown"  # metrics label when a refusal came before the voucher was found
@@ -314,21 +311,11 @@ def create_app(settings: Settings) -> web.Application:
         yield
         # Drain in dependency order (requests have finished): the sweepers stop (a round in flight rolls back), the
         # consumer commits its batch, the relay publishes what is committed, then the pool closes.
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await consumer.stop()
-        try:
-            await asyncio.wait_for(consumer_task, CONSUMER_DRAIN_S)
-        except TimeoutError:
-            log.error("issuing consumer did not stop in time; its uncommitted batch will be redelivered")
-        await relay.stop()
-        try:
-            await asyncio.wait_for(relay_task, RELAY_DRAIN_S)
-        except TimeoutError:
-            log.error("outbox relay did not drain in time; rows stay in the outbox for the next start")
+        await tasks.cancel_all(background)
+        await tasks.stop_within(consumer.stop, consumer_task, CONSUMER_DRAIN_S,
+                                "issuing consumer did not stop in time; its uncommitted batch will be redelivered")
+        await tasks.stop_within(relay.stop, relay_task, RELAY_DRAIN_S,
+                                "outbox relay did not drain in time; rows stay in the outbox for the next start")
         await probe.close()
         await pool.close()
 
