@@ -24,6 +24,8 @@ readonly HEAP_OPTS="-Xms512m -Xmx1g"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=deploy/lib.sh
+source "$ROOT/deploy/lib.sh"
 readonly POM="$ROOT/deploy/pom.xml"
 readonly LOG4J_CONFIG="$ROOT/deploy/kafka-log4j2.properties"
 readonly RUN_DIR="$ROOT/.run"
@@ -80,14 +82,6 @@ fetch_jars() {
   log "fetched $(find "$LIBS_DIR" -name '*.jar' | wc -l) jars"
 }
 
-port_in_use() {
-  local port="$1"
-  if command -v ss >/dev/null && [[ -n "$(ss -Htln "sport = :$port" 2>/dev/null)" ]]; then
-    return 0
-  fi
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
-}
-
 # First free port at or above $1 that is not $2.
 free_port_from() {
   local first="$1" avoid="${2:-}" port
@@ -96,30 +90,6 @@ free_port_from() {
     port_in_use "$port" || { echo "$port"; return 0; }
   done
   die "no free port in $first..$((first + PORT_SCAN_TRIES - 1))"
-}
-
-# Replace our line in .run/env, keeping the other scripts' lines.
-set_env_var() {
-  local name="$1" value="$2"
-  mkdir -p "$RUN_DIR"
-  (
-    flock 9
-    local tmp="$ENV_FILE.tmp.$$"
-    : > "$tmp"
-    if [[ -f "$ENV_FILE" ]]; then
-      grep -v "^export $name=" "$ENV_FILE" > "$tmp" || true   # grep: 1 = no other lines
-    fi
-    printf 'export %s=%s\n' "$name" "$value" >> "$tmp"
-    mv -f "$tmp" "$ENV_FILE"
-  ) 9>"$ENV_LOCK"
-}
-
-# True if the process exists and is not a zombie (kill -0 succeeds on
-# zombies, and an orphan may stay one if PID 1 does not reap).
-pid_alive() {
-  local state
-  state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-  [[ -n "$state" && "$state" != Z ]]
 }
 
 # Pid of our broker if it is alive (pid file names a live kafka.Kafka process

@@ -22,6 +22,8 @@ readonly UNIX_SOCKET_PATH_MAX=100   # sun_path is 108 bytes incl. ".s.PGSQL.NNNN
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=deploy/lib.sh
+source "$ROOT/deploy/lib.sh"
 readonly RUN_DIR="$ROOT/.run"
 readonly PG_DIR="$RUN_DIR/pg"
 readonly DATA_DIR="$PG_DIR/data"
@@ -88,14 +90,6 @@ install_postgres() {
   fi
 }
 
-port_in_use() {
-  local port="$1"
-  if command -v ss >/dev/null && [[ -n "$(ss -Htln "sport = :$port" 2>/dev/null)" ]]; then
-    return 0
-  fi
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
-}
-
 choose_port() {
   if [[ -n "${CVL_PG_PORT:-}" ]]; then
     port_in_use "$CVL_PG_PORT" && die "CVL_PG_PORT=$CVL_PG_PORT is already in use"
@@ -116,22 +110,6 @@ choose_port() {
 
 # Port of the running cluster (line 4 of postmaster.pid).
 running_port() { sed -n 4p "$DATA_DIR/postmaster.pid"; }
-
-# Replace our line in .run/env, keeping the other scripts' lines.
-set_env_var() {
-  local name="$1" value="$2"
-  mkdir -p "$RUN_DIR"
-  (
-    flock 9
-    local tmp="$ENV_FILE.tmp.$$"
-    : > "$tmp"
-    if [[ -f "$ENV_FILE" ]]; then
-      grep -v "^export $name=" "$ENV_FILE" > "$tmp" || true   # grep: 1 = no other lines
-    fi
-    printf 'export %s=%s\n' "$name" "$value" >> "$tmp"
-    mv -f "$tmp" "$ENV_FILE"
-  ) 9>"$ENV_LOCK"
-}
 
 # postgres must be able to reach .run/pg even when the repo is owned by root
 # with restrictive parent directories: add o+x where it cannot traverse.

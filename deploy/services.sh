@@ -19,6 +19,8 @@ readonly LOG_TAIL_LINES=40
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=deploy/lib.sh
+source "$ROOT/deploy/lib.sh"
 readonly RUN_DIR="$ROOT/.run"
 readonly ENV_FILE="$RUN_DIR/env"
 readonly LOG_DIR="$RUN_DIR/logs"
@@ -40,13 +42,6 @@ port_of() {
 
 pid_file() { echo "$PID_DIR/$1.pid"; }
 log_file() { echo "$LOG_DIR/$1.log"; }
-
-# True if the process exists and is not a zombie.
-pid_alive() {
-  local state
-  state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-  [[ -n "$state" && "$state" != Z ]]
-}
 
 # Pid of the service if its pid file names a live `-m services.<name>`
 # process, else nothing and status 1.
