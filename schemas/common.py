@@ -1,4 +1,4 @@
-"""Shared field types and their limits (CONTRACT.md, "Every HTTP service")."""
+"""Shared field types (CONTRACT.md, "Every HTTP service"); their bounds are named in `schemas.limits`."""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,22 +7,13 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta
 
-AMOUNT_MIN: Final = 1
-AMOUNT_MAX: Final = 10**15
-ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
+from .limits import (
+    AMOUNT_MAX, AMOUNT_MIN, BENEFICIARY_LENGTH_MAX, HOLD_TIMEOUT_S_MAX, HOLD_TIMEOUT_S_MIN, ID_LENGTH_MAX,
+    INVOICE_NUMBER_LENGTH_MAX, NAME_LENGTH_MAX, REASON_LENGTH_MAX, SUBSIDY_RATIO_BP_MAX, YEAR_MAX, YEAR_MIN,
+)
+
+ID_PATTERN: Final = rf"^[a-z0-9][a-z0-9-]{{0,{ID_LENGTH_MAX - 1}}}$"
 UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-YEAR_MIN: Final = 2000
-YEAR_MAX: Final = 2100
-NAME_LENGTH_MAX: Final = 200
-BENEFICIARY_LENGTH_MAX: Final = 128
-REASON_LENGTH_MAX: Final = 500
-INVOICE_NUMBER_LENGTH_MAX: Final = 64
-PROVIDERS_PER_LIST_MAX: Final = 100
-CITIES_PER_PROVIDER_MAX: Final = 1000
-SUBSIDY_RATIO_BP_MAX: Final = 10_000
-BATCH_MINT_MAX: Final = 1000
-HOLD_TIMEOUT_S_MIN: Final = 1               # a hold lives at least a second ...
-HOLD_TIMEOUT_S_MAX: Final = 7 * 24 * 3600   # ... and at most a week before it voids itself
 
 Amount = Annotated[int, Meta(ge=AMOUNT_MIN, le=AMOUNT_MAX, description="Money in minor units (fen for CNY)")]
 # Zero or more, within one amount's bound: balances of one voucher or one budget, amounts returned.

@@ -7,9 +7,9 @@ import msgspec
 from msgspec import Meta
 
 from .common import (
-    BATCH_MINT_MAX, CITIES_PER_PROVIDER_MAX, PROVIDERS_PER_LIST_MAX, Amount, Beneficiary, CityId, Currency, Name,
-    ProviderId, Reason, SubsidyRatioBp, Timestamp, Total, Uuid, Year,
+    Amount, Beneficiary, CityId, Currency, Name, ProviderId, Reason, SubsidyRatioBp, Timestamp, Total, Uuid, Year,
 )
+from .limits import BATCH_MINT_MAX, CITIES_PER_PROVIDER_MAX, PROVIDERS_PER_LIST_MAX
 from .events import VoucherKind, YearEnd
 
 

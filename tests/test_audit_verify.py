@@ -210,7 +210,7 @@ def cli(*args: str, token: str | None = None, **env: str) -> subprocess.Complete
     environment = {**os.environ, **env}
     if token:
         environment["CVL_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "services.common.cli", "audit", *args, "--quiet"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "services.cli", "audit", *args, "--quiet"], cwd=ROOT,
                           env=environment, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 

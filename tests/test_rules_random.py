@@ -31,7 +31,7 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from services.common.settings import KAFKA_PARTITIONS
+from schemas.limits import KAFKA_PARTITIONS
 from tests.conftest import World, expires
 from tests.harness import Reply, Stack, eventually, read_topic
 from tests.rules_helpers import (

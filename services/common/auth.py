@@ -10,10 +10,10 @@ from typing import Final, Literal
 import msgspec
 
 from .errors import Forbidden, Unauthorized
+from schemas.limits import TOKEN_LENGTH_MAX
 
 Role = Literal["admin", "issuer", "provider", "auditor"]
 ROLES: Final = ("admin", "issuer", "provider", "auditor")
-TOKEN_LENGTH_MAX: Final = 4096
 
 
 class Principal(msgspec.Struct, kw_only=True, frozen=True):

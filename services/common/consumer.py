@@ -19,7 +19,8 @@ from aiokafka.errors import CommitFailedError
 from schemas.events import Event, decode_event
 
 from . import metrics
-from .settings import CONSUMER_BATCH_MAX, CONSUMER_POLL_MS, KAFKA_REQUEST_TIMEOUT_MS, Settings
+from .settings import Settings
+from schemas.limits import CONSUMER_BATCH_MAX, CONSUMER_POLL_MS, CONSUMER_RESTART_DELAY_S, KAFKA_REQUEST_TIMEOUT_MS
 
 log = logging.getLogger("cvl.consumer")
 
@@ -31,7 +32,6 @@ RETURNING event_id::text"""
 DEAD_LETTER_SQL: Final = """
 INSERT INTO dead_letters (topic, partition, "offset", payload, error) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT DO NOTHING"""
-RESTART_DELAY_S: Final = 1.0
 
 
 class Delivered(msgspec.Struct, frozen=True):
@@ -86,7 +86,7 @@ class Consumer:
                 raise
             except Exception:
                 log.exception("consumer failed; restarting", extra={"group": self.group})
-                await asyncio.sleep(RESTART_DELAY_S)
+                await asyncio.sleep(CONSUMER_RESTART_DELAY_S)
             finally:
                 await consumer.stop()
 

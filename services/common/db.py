@@ -7,7 +7,8 @@ from typing import Final
 
 import asyncpg
 
-from .settings import PG_COMMAND_TIMEOUT_S, PG_POOL_MIN, Settings
+from .settings import Settings
+from schemas.limits import PG_COMMAND_TIMEOUT_S, PG_POOL_MIN
 
 log = logging.getLogger("cvl.db")
 

@@ -8,7 +8,6 @@ so a reader sees the roles next to the rule they protect.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 import time
@@ -22,15 +21,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.common import Problem
+from schemas.limits import (
+    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, READY_CHECK_TIMEOUT_S, REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S,
+)
 
-from . import auth, metrics
-from .errors import (
-    IdempotencyKeyReused, NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed,
-)
-from .settings import (
-    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, READY_CHECK_TIMEOUT_S, IDEMPOTENCY_RETENTION_S, IDEMPOTENCY_SWEEP_INTERVAL_S,
-    REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, Settings,
-)
+from . import auth, idempotency, metrics
+from .errors import NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed
+from .settings import Settings
 
 log = logging.getLogger("cvl.http")
 
@@ -126,86 +123,21 @@ def principal(request: web.Request) -> auth.Principal:
     return auth.verify(request.app[SETTINGS].token_key, request.headers.get("Authorization"))
 
 
-# --- idempotency -----------------------------------------------------------------------------------------------------
+# --- idempotency (the rules live in services.common.idempotency; the edge reads the header, writes the reply) ------
 
-LOOKUP_SQL: Final = "SELECT request_hash, status, body FROM idempotency WHERE principal = $1 AND key = $2"
-CLAIM_SQL: Final = """
-INSERT INTO idempotency (principal, key, request_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true"""
-COMPLETE_SQL: Final = "UPDATE idempotency SET status = $3, body = $4 WHERE principal = $1 AND key = $2"
-SWEEP_SQL: Final = "DELETE FROM idempotency WHERE created_at < now() - make_interval(secs => $1)"
+def idempotency_key(request: web.Request, who: auth.Principal, raw_body: bytes) -> idempotency.Key | None:
+    return idempotency.key_of(request.headers.get(idempotency.HEADER), who.subject, request.method,
+                              request.rel_url.path, raw_body)
 
 
-class IdempotencyKey(msgspec.Struct, frozen=True):
-    principal: str
-    key: str
-    request_hash: bytes
+def answer(a: idempotency.Answer) -> web.Response:
+    """A command's answer as an HTTP response; a stored answer played again says so (`Idempotent-Replayed`)."""
+    return web.Response(body=a.body, status=a.status, content_type=JSON,
+                        headers={"Idempotent-Replayed": "true"} if a.replayed else None)
 
 
-def idempotency_key(request: web.Request, who: auth.Principal, raw_body: bytes) -> IdempotencyKey | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_LENGTH_MAX or not all(0x21 <= ord(c) <= 0x7E for c in key):
-        raise ValidationFailed(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_LENGTH_MAX} visible ASCII characters",
-                               field="Idempotency-Key")
-    digest = hashlib.sha256(f"{request.method} {request.rel_url.path}\n".encode() + raw_body).digest()
-    return IdempotencyKey(who.subject, key, digest)
-
-
-def replay_response(k: IdempotencyKey, row: asyncpg.Record | None) -> web.Response | None:
-    if row is None:
-        return None
-    if row["request_hash"] != k.request_hash:
-        raise IdempotencyKeyReused(f"Idempotency-Key {k.key!r} was first used with a different request",
-                                   field="Idempotency-Key")
-    assert row["status"] is not None, "a visible idempotency record is always complete"
-    return web.Response(body=row["body"], status=row["status"], content_type=JSON,
-                        headers={"Idempotent-Replayed": "true"})
-
-
-async def lookup(conn: asyncpg.Connection | asyncpg.Pool, k: IdempotencyKey) -> web.Response | None:
-    return replay_response(k, await conn.fetchrow(LOOKUP_SQL, k.principal, k.key))
-
-
-class _AlreadyDone(Exception):
-    pass
-
-
-async def run_command(pool: asyncpg.Pool, k: IdempotencyKey | None,
-                      command: Callable[[asyncpg.Connection], Awaitable[tuple[int, Any]]]) -> web.Response:
-    """Run `command` in one transaction; with a key, store its successful response in the same transaction.
-
-    Refusals (domain errors) roll everything back, the key included: nothing changed, so a retry may run again.
-    A concurrent request with the same key waits on the key's row and then replays the winner's response.
-    """
-    if k is not None and (stored := await lookup(pool, k)) is not None:
-        return stored
-    async with pool.acquire() as conn:
-        try:
-            async with conn.transaction():
-                if k is not None and not await conn.fetchval(CLAIM_SQL, k.principal, k.key, k.request_hash):
-                    raise _AlreadyDone
-                status, obj = await command(conn)
-                body = _encoder.encode(obj)
-                if k is not None:
-                    await conn.execute(COMPLETE_SQL, k.principal, k.key, status, body)
-        except _AlreadyDone:
-            stored = await lookup(conn, k)  # type: ignore[arg-type]
-            assert stored is not None
-            return stored
-    return web.Response(body=body, status=status, content_type=JSON)
-
-
-async def sweep_idempotency_keys(pool: asyncpg.Pool) -> None:
-    """Background task: forget Idempotency-Keys older than IDEMPOTENCY_RETENTION_S (the contract keeps them 24 h)."""
-    while True:
-        await asyncio.sleep(IDEMPOTENCY_SWEEP_INTERVAL_S)
-        try:
-            result = await pool.execute(SWEEP_SQL, IDEMPOTENCY_RETENTION_S)
-            if removed := int(result.split()[-1]):
-                log.info("expired idempotency keys removed", extra={"count": removed})
-        except Exception:
-            log.exception("idempotency sweep failed")
+async def run_command(pool: asyncpg.Pool, k: idempotency.Key | None, command) -> web.Response:
+    return answer(await idempotency.run(pool, k, command))
 
 
 # --- middlewares -----------------------------------------------------------------------------------------------------

@@ -11,13 +11,11 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from .settings import KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, READY_CHECK_TIMEOUT_S, Settings
+from .settings import Settings
+from schemas.limits import KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S, TOPIC_STARTUP_WAIT_S
 
 log = logging.getLogger("cvl.kafka")
 
-TOPIC_STARTUP_WAIT_S: Final = 90.0
-PRODUCER_LINGER_MS: Final = 2
-PRODUCER_BATCH_BYTES: Final = 512 * 1024
 
 
 async def ensure_topics(settings: Settings) -> None:

@@ -26,7 +26,8 @@ import msgspec
 from schemas.events import Envelope
 
 from . import kafka, metrics
-from .settings import OUTBOX_BATCH_MAX, OUTBOX_IDLE_POLL_S, OUTBOX_LEADER_RETRY_S, Settings
+from .settings import Settings
+from schemas.limits import OUTBOX_BATCH_MAX, OUTBOX_IDLE_POLL_S, OUTBOX_LEADER_RETRY_S, OUTBOX_STATS_INTERVAL_S
 
 log = logging.getLogger("cvl.outbox")
 
@@ -37,7 +38,6 @@ FETCH_SQL: Final = "SELECT id, topic, key, payload FROM outbox ORDER BY id LIMIT
 DELETE_SQL: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 PENDING_SQL: Final = "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM outbox"
 LEADER_LOCK_SQL: Final = "SELECT pg_try_advisory_lock(hashtext('cvl-outbox:' || current_schema()))"
-STATS_INTERVAL_S: Final = 1.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -117,7 +117,7 @@ class Relay:
                     count, lag = await conn.fetchrow(PENDING_SQL)
                     metrics.outbox_pending.labels(self.settings.service).set(count)
                     metrics.outbox_lag.labels(self.settings.service).set(float(lag))
-                    next_stats = time.monotonic() + STATS_INTERVAL_S
+                    next_stats = time.monotonic() + OUTBOX_STATS_INTERVAL_S
                 if published == OUTBOX_BATCH_MAX:
                     continue  # more waiting: no pause
                 if self._stopping and published == 0:

@@ -1,4 +1,4 @@
-"""Settings from the environment (CONTRACT.md "Defaults"); every limit of the system is named here."""
+"""Settings from the environment (CONTRACT.md "Defaults"). Every limit of the system is named in `schemas.limits`."""
 from __future__ import annotations
 
 import os
@@ -7,31 +7,7 @@ from typing import Final
 
 import msgspec
 
-# --- limits -------------------------------------------------------------------------------------------------------
-BODY_BYTES_MAX: Final = 1_048_576          # largest request body (a batch of 1000 vouchers is ~300 KiB)
-REQUEST_TIMEOUT_S: Final = 15.0            # a request that takes longer is answered 503
-IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
-IDEMPOTENCY_RETENTION_S: Final = 48 * 3600  # contract: at least 24 h
-IDEMPOTENCY_SWEEP_INTERVAL_S: Final = 600
-MINT_BATCH_MAX: Final = 1000               # mint commands one writer commits in one transaction
-MINT_BATCH_WINDOW_S: Final = 0.001         # how long a writer waits for more commands after the first
-MINT_QUEUE_MAX: Final = 20_000             # pending mint commands per (city, year) writer before 429
-WRITER_IDLE_S: Final = 60.0                # an idle per-(city, year) writer stops after this
-OUTBOX_BATCH_MAX: Final = 2000             # outbox rows one relay round publishes
-OUTBOX_IDLE_POLL_S: Final = 0.05           # relay poll interval when nothing was signalled
-OUTBOX_LEADER_RETRY_S: Final = 1.0         # how often a non-leader relay tries to take the lead
-CONSUMER_BATCH_MAX: Final = 2000           # events one consumer transaction applies
-CONSUMER_POLL_MS: Final = 200
-PG_POOL_MIN: Final = 2
-PG_POOL_MAX: Final = 20
-PG_COMMAND_TIMEOUT_S: Final = 30.0
-KAFKA_PARTITIONS: Final = 12
-KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
-READY_CHECK_TIMEOUT_S: Final = 2.0
-SHUTDOWN_TIMEOUT_S: Final = 20.0
-CONSUMER_DRAIN_S: Final = 10.0             # a stopping consumer finishes its batch (one poll + one commit)
-RELAY_DRAIN_S: Final = 15.0                # the relay publishes what is committed before the pool closes
-TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
+from schemas.limits import PG_POOL_MAX
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 
@@ -92,12 +68,3 @@ def load(service: str) -> Settings:
         token_key=token_key(run),
         pg_pool_max=int(env.get("CVL_PG_POOL_MAX", PG_POOL_MAX)),
     )
-
-# --- program rules: holds, expiry, statements (issue 4) -------------------------------------------------------------
-# Hold timeouts are bounded in the API types: schemas.common.HOLD_TIMEOUT_S_MIN .. HOLD_TIMEOUT_S_MAX.
-HOLD_SWEEP_INTERVAL_S: Final = 0.5         # how often each redemption process voids holds past their timeout
-EXPIRY_SWEEP_INTERVAL_S: Final = 1.0       # how often each redemption process expires vouchers past expires_at
-SWEEP_BATCH_MAX: Final = 500               # vouchers one sweeper transaction settles (then it goes again at once)
-SWEEP_RETRY_S: Final = 2.0                 # pause after a failed sweep
-OPEN_HOLDS_PER_VOUCHER_MAX: Final = 1000   # open holds on one voucher (a revocation voids them in one transaction)
-STATEMENT_LINES_MAX: Final = 10_000        # redemptions (and, separately, refunds) one statement lists

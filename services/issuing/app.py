@@ -16,12 +16,13 @@ from schemas.issuing import (
     BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
 )
 
-from services.common import db, http, kafka, metrics, outbox, tasks
+from services.common import db, http, idempotency, kafka, metrics, outbox, tasks
 from services.common.auth import require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import BudgetBelowCommitted, NotFound, ValidationFailed, VoucherExpired
 from services.common.http import Route, json_response, param, principal
-from services.common.settings import CONSUMER_DRAIN_S, RELAY_DRAIN_S, Settings
+from services.common.settings import Settings
+from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
 from . import rule_metrics, store
 from .writer import Writers
@@ -157,8 +158,8 @@ async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, bat
     for v in vouchers:
         require(who, "issuer", city=v.city)
     key = http.idempotency_key(request, who, raw)
-    if key is not None and (stored := await http.lookup(request.app[POOL], key)) is not None:
-        return stored
+    if key is not None and (stored := await idempotency.lookup(request.app[POOL], key)) is not None:
+        return http.answer(stored)
     # After the replay lookup: a retry of a mint whose expires_at has passed since still gets its first answer.
     _check_future(vouchers, "vouchers[" if batch else "")
     budgets = {(v.city, v.year) for v in vouchers}
@@ -170,8 +171,8 @@ async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, bat
             raise command.refusal
         if not command.replay:
             return web.Response(body=_mint_response(command), status=201, content_type=http.JSON)
-        if (stored := await http.lookup(request.app[POOL], key)) is not None:
-            return stored
+        if (stored := await idempotency.lookup(request.app[POOL], key)) is not None:
+            return http.answer(stored)
         # The key's first use was refused and released in the same batch: run this one for real.
     raise ValidationFailed("the Idempotency-Key is being used by concurrent requests", field="Idempotency-Key")
 
@@ -291,7 +292,7 @@ def create_app(settings: Settings) -> web.Application:
         app[POOL], app[RELAY], app[WRITERS] = pool, relay, writers
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="redemption-consumer")
-        sweeper = asyncio.create_task(http.sweep_idempotency_keys(pool), name="idempotency-sweeper")
+        sweeper = asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper")
         yield
         # Drain in dependency order: writers commit what is queued, the consumer its batch, the relay publishes
         # what is committed, then the pool closes.

@@ -11,10 +11,9 @@ import asyncpg
 from schemas import events as ev
 from schemas.issuing import Budget, MintIn, Voucher
 
-from services.common import outbox
+from services.common import idempotency, outbox
 from services.common.consumer import Delivered
 from services.common.errors import ServiceError
-from services.common.http import IdempotencyKey
 
 from .domain import BudgetKey, BudgetState, Settlement, UsageKey, decide, settle_expired, settle_frozen, usage_needs
 
@@ -86,11 +85,6 @@ WHERE v.voucher_id = k.voucher_id
 RETURNING v.voucher_id::text, v.amount, v.returned, v.lapsed"""
 
 # The mint transaction, in the order it runs.
-CLAIM_KEYS_SQL: Final = """
-INSERT INTO idempotency (principal, key, request_hash)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
-ON CONFLICT DO NOTHING
-RETURNING principal, key"""
 LOCK_BUDGETS_SQL: Final = """
 SELECT b.city, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end
 FROM budgets b JOIN unnest($1::text[], $2::int[]) AS k(city, year) USING (city, year)
@@ -130,13 +124,6 @@ SELECT v.id, v.city, v.year, v.beneficiary, v.kind, v.amount, v.ratio,
        CASE WHEN v.providers = '' THEN NULL ELSE string_to_array(v.providers, ',') END, v.expires_at, $10
 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[], $7::int[], $8::text[],
             $9::timestamptz[]) AS v(id, city, year, beneficiary, kind, amount, ratio, providers, expires_at)"""
-COMPLETE_KEYS_SQL: Final = """
-UPDATE idempotency i SET status = k.status, body = k.body
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bytea[]) AS k(principal, key, status, body)
-WHERE i.principal = k.principal AND i.key = k.key"""
-RELEASE_KEYS_SQL: Final = """
-DELETE FROM idempotency i USING unnest($1::text[], $2::text[]) AS k(principal, key)
-WHERE i.principal = k.principal AND i.key = k.key"""
 
 
 def budget_view(row: asyncpg.Record) -> Budget:
@@ -161,7 +148,7 @@ class MintCommand:
 
     vouchers: list[MintIn]
     actor: str
-    key: IdempotencyKey | None
+    key: idempotency.Key | None
     batch: bool  # answer with {"vouchers": [...]} rather than one voucher
     minted: list[Voucher] = field(default_factory=list)
     refusal: ServiceError | None = None
@@ -181,9 +168,7 @@ async def mint(conn: asyncpg.Connection, commands: list[MintCommand], *, produce
     assert conn.is_in_transaction()
     keyed = sorted((c for c in commands if c.key is not None), key=lambda c: (c.key.principal, c.key.key))
     if keyed:
-        claimed = {(r["principal"], r["key"]) for r in await conn.fetch(
-            CLAIM_KEYS_SQL, [c.key.principal for c in keyed], [c.key.key for c in keyed],
-            [c.key.request_hash for c in keyed])}
+        claimed = await idempotency.claim_many(conn, [c.key for c in keyed])
         seen: set[tuple[str, str]] = set()
         for c in keyed:
             k = (c.key.principal, c.key.key)
@@ -250,12 +235,11 @@ async def mint(conn: asyncpg.Connection, commands: list[MintCommand], *, produce
 
     done = [c for c in accepted if c.key is not None]
     if done:
-        await conn.execute(COMPLETE_KEYS_SQL, [c.key.principal for c in done], [c.key.key for c in done],
-                           [201] * len(done), [encode(c) for c in done])
+        await idempotency.complete_many(conn, [(c.key, 201, encode(c)) for c in done])
     # Refusals change nothing, the key included: release it so that a retry runs again.
     released = [c for c in live if c.refusal is not None and c.key is not None]
     if released:
-        await conn.execute(RELEASE_KEYS_SQL, [c.key.principal for c in released], [c.key.key for c in released])
+        await idempotency.release_many(conn, [c.key for c in released])
     return MintOutcome(budgets, len(accepted), len(live) - len(accepted))
 
 

@@ -16,7 +16,7 @@ import asyncpg
 
 from services.common import metrics
 from services.common.errors import RateLimited, Unavailable
-from services.common.settings import MINT_BATCH_MAX, MINT_QUEUE_MAX, WRITER_IDLE_S
+from schemas.limits import MINT_BATCH_MAX, MINT_QUEUE_MAX, WRITER_IDLE_S
 
 from . import store
 from .domain import BudgetKey

@@ -37,7 +37,8 @@ from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import Forbidden, NotFound, ValidationFailed
 from services.common.http import Route, json_response, param, principal
-from services.common.settings import SHUTDOWN_TIMEOUT_S, Settings
+from services.common.settings import Settings
+from schemas.limits import SHUTDOWN_TIMEOUT_S
 
 from . import domain, merkle, notes, page, store
 

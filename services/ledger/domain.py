@@ -45,7 +45,8 @@ import msgspec
 from msgspec import Meta
 
 from schemas import events as ev
-from schemas.common import ID_PATTERN, UUID_PATTERN, YEAR_MAX, YEAR_MIN
+from schemas.common import ID_PATTERN, UUID_PATTERN
+from schemas.limits import YEAR_MAX, YEAR_MIN
 from schemas.ledger import Posting
 
 # --- the chart of accounts --------------------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ from schemas.redemption import (
     VoucherView,
 )
 
-from services.common import db, http, kafka, metrics, outbox, tasks
+from services.common import db, http, idempotency, kafka, metrics, outbox, tasks
 from services.common.auth import require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
-from services.common.http import IdempotencyKey, Route, json_response, param, principal
-from services.common.settings import CONSUMER_DRAIN_S, RELAY_DRAIN_S, Settings
+from services.common.http import Route, json_response, param, principal
+from services.common.settings import Settings
+from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
 from . import domain, rule_metrics, store, sweeper
 
@@ -44,7 +45,7 @@ def _provider(request: web.Request) -> tuple[Any, str]:
     return who, who.provider
 
 
-async def _command(request: web.Request, key: IdempotencyKey | None,
+async def _command(request: web.Request, key: idempotency.Key | None,
                    command: Callable[[asyncpg.Connection], Awaitable[tuple[int, Any]]],
                    refused: Callable[[ServiceError], None]) -> web.Response:
     """Run a provider command (one transaction, Idempotency-Key honoured); count a refusal; wake the relay."""
@@ -306,7 +307,7 @@ def create_app(settings: Settings) -> web.Application:
         app[POOL], app[RELAY] = pool, relay
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="issuing-consumer")
-        background = [asyncio.create_task(http.sweep_idempotency_keys(pool), name="idempotency-sweeper"),
+        background = [asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper"),
                       *sweeper.start(pool, settings, relay.wake)]
         yield
         # Drain in dependency order (requests have finished): the sweepers stop (a round in flight rolls back), the

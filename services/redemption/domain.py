@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from schemas.common import SUBSIDY_RATIO_BP_MAX
+from schemas.limits import SUBSIDY_RATIO_BP_MAX
 from schemas.events import Invoice
 
 from services.common.errors import (

@@ -27,7 +27,7 @@ from schemas.redemption import (
 from services.common import outbox
 from services.common.consumer import Delivered
 from services.common.errors import InvoiceAlreadySubsidised, NotFound
-from services.common.settings import OPEN_HOLDS_PER_VOUCHER_MAX, STATEMENT_LINES_MAX
+from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX, STATEMENT_LINES_MAX
 
 from . import domain
 

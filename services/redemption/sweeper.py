@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from services.common import outbox
-from services.common.settings import (
-    EXPIRY_SWEEP_INTERVAL_S, HOLD_SWEEP_INTERVAL_S, SWEEP_BATCH_MAX, SWEEP_RETRY_S, Settings,
-)
+from services.common.settings import Settings
+from schemas.limits import EXPIRY_SWEEP_INTERVAL_S, HOLD_SWEEP_INTERVAL_S, SWEEP_BATCH_MAX, SWEEP_RETRY_S
 
 from . import rule_metrics, store
 

@@ -1,4 +1,8 @@
-"""The `cvl` command line: tokens, demo data, and the auditor's export and verification of the ledger."""
+"""The `cvl` command line: tokens, demo data, and the auditor's export and verification of the ledger.
+
+It joins the server's common package (tokens, settings) and the auditor's independent tool (`services.audit`), so it
+lives outside both: `services.common` never imports the audit tool, and the audit tool imports nothing of the server.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Final
 
-from . import auth, settings
+from schemas.limits import AUDIT_TOKEN_TTL_S, CLI_HTTP_TIMEOUT_S, DEMO_TOKEN_TTL_S, TOKEN_TTL_S_MAX
+from services.common import auth, settings
 
 DEMO_YEAR: Final = 2026
 DEMO_BUDGETS_FEN: Final = {
@@ -26,8 +31,6 @@ DEMO_PROVIDERS: Final = {
     "sugon": ("Sugon", ["beijing-yizhuang", "qingyang", "wuxi"]),
     "ucloud": ("UCloud", ["shanghai", "wuhan"]),
 }
-DEMO_TOKEN_TTL_S: Final = 30 * 24 * 3600
-HTTP_TIMEOUT_S: Final = 30
 
 
 def _token_key() -> bytes:
@@ -36,8 +39,8 @@ def _token_key() -> bytes:
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
     ttl_s = auth.parse_ttl(args.ttl)
-    if not 1 <= ttl_s <= settings.TOKEN_TTL_S_MAX:
-        print(f"--ttl must be between 1 s and {settings.TOKEN_TTL_S_MAX} s", file=sys.stderr)
+    if not 1 <= ttl_s <= TOKEN_TTL_S_MAX:
+        print(f"--ttl must be between 1 s and {TOKEN_TTL_S_MAX} s", file=sys.stderr)
         return 2
     try:
         print(auth.issue(_token_key(), role=args.role, city=args.city, provider=args.provider, ttl_s=ttl_s))
@@ -50,7 +53,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 def _put(url: str, token: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT",
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+    with urllib.request.urlopen(request, timeout=CLI_HTTP_TIMEOUT_S) as response:
         return json.loads(response.read())
 
 
@@ -85,7 +88,6 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 # --- audit ------------------------------------------------------------------------------------------------------------
 
-AUDIT_TOKEN_TTL_S: Final = 3600
 
 
 def _auditor_token(explicit: str | None) -> str | None:

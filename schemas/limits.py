@@ -1,0 +1,102 @@
+"""Every limit of the system, named once (TigerBeetle's "put a limit on everything").
+
+This module is the bottom of the house: `schemas` (field bounds in `Meta`) and `services` (queues, batches, pools,
+timeouts, page sizes, drain bounds) both read their limits from here, so a reader finds every bound in one place.
+Units and qualifiers come last in names (`timeout_s`, `_max`). The auditor's tool (`services/audit`) keeps its own
+limits, since it deliberately shares no code with the server it checks.
+
+Timeouts nest, innermost first, so that no wait outlives the one that waits for it:
+    PG_COMMAND_TIMEOUT_S < REQUEST_TIMEOUT_S < SHUTDOWN_TIMEOUT_S
+(a database command ends before the request that waits for it; asserted at the bottom of this module).
+"""
+from __future__ import annotations
+
+from typing import Final
+
+# --- fields (CONTRACT.md, "Every HTTP service") ----------------------------------------------------------------------
+AMOUNT_MIN: Final = 1
+AMOUNT_MAX: Final = 10**15
+YEAR_MIN: Final = 2000
+YEAR_MAX: Final = 2100
+ID_LENGTH_MAX: Final = 63                  # city, provider and program ids (the pattern in schemas.common)
+NAME_LENGTH_MAX: Final = 200
+BENEFICIARY_LENGTH_MAX: Final = 128
+REASON_LENGTH_MAX: Final = 500
+INVOICE_NUMBER_LENGTH_MAX: Final = 64
+PROVIDERS_PER_LIST_MAX: Final = 100
+CITIES_PER_PROVIDER_MAX: Final = 1000
+SUBSIDY_RATIO_BP_MAX: Final = 10_000
+BATCH_MINT_MAX: Final = 1000               # vouchers in one POST /v1/vouchers/batch
+HOLD_TIMEOUT_S_MIN: Final = 1              # a hold lives at least a second ...
+HOLD_TIMEOUT_S_MAX: Final = 7 * 24 * 3600  # ... and at most a week before it voids itself
+EVENT_TYPE_LENGTH_MAX: Final = 64
+BIGINT_MAX: Final = 2**63 - 1              # a PostgreSQL bigint: entry indexes, tree sizes, posting amounts
+
+# --- the HTTP edge ---------------------------------------------------------------------------------------------------
+BODY_BYTES_MAX: Final = 1_048_576          # largest request body (a batch of 1000 vouchers is ~300 KiB)
+REQUEST_TIMEOUT_S: Final = 15.0            # a request that takes longer is answered 503
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+IDEMPOTENCY_RETENTION_S: Final = 48 * 3600  # contract: at least 24 h
+IDEMPOTENCY_SWEEP_INTERVAL_S: Final = 600
+IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX: Final = 3  # a mint retried while its key's first use is being refused
+TOKEN_LENGTH_MAX: Final = 4096
+TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
+READY_CHECK_TIMEOUT_S: Final = 2.0
+RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
+
+# --- minting (the hot budget account) --------------------------------------------------------------------------------
+MINT_BATCH_MAX: Final = 1000               # vouchers one writer commits in one transaction
+MINT_QUEUE_MAX: Final = 20_000             # pending mint commands per budget writer before 429
+WRITER_IDLE_S: Final = 60.0                # an idle per-budget writer stops after this
+
+# --- PostgreSQL ------------------------------------------------------------------------------------------------------
+PG_POOL_MIN: Final = 2
+PG_POOL_MAX: Final = 20
+PG_COMMAND_TIMEOUT_S: Final = 10.0         # one statement; below REQUEST_TIMEOUT_S so a request never waits past it
+
+# --- Kafka, the outbox relay and consumers ---------------------------------------------------------------------------
+KAFKA_PARTITIONS: Final = 12
+KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
+TOPIC_STARTUP_WAIT_S: Final = 90.0         # how long a starting service waits for the broker to create its topics
+PRODUCER_LINGER_MS: Final = 2
+PRODUCER_BATCH_BYTES: Final = 512 * 1024
+OUTBOX_BATCH_MAX: Final = 2000             # outbox rows one relay round publishes
+OUTBOX_IDLE_POLL_S: Final = 0.05           # relay poll interval when nothing was signalled
+OUTBOX_LEADER_RETRY_S: Final = 1.0         # how often a non-leader relay tries to take the lead
+OUTBOX_STATS_INTERVAL_S: Final = 1.0       # how often the relay refreshes its pending/lag gauges
+CONSUMER_BATCH_MAX: Final = 2000           # events one consumer transaction applies
+CONSUMER_POLL_MS: Final = 200
+CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects
+
+# --- shutdown (drain) ------------------------------------------------------------------------------------------------
+SHUTDOWN_TIMEOUT_S: Final = 20.0           # in-flight requests finish within this
+CONSUMER_DRAIN_S: Final = 10.0             # a stopping consumer finishes its batch (one poll + one commit)
+RELAY_DRAIN_S: Final = 15.0                # the relay publishes what is committed before the pool closes
+
+# --- program rules: holds, expiry, statements ------------------------------------------------------------------------
+HOLD_SWEEP_INTERVAL_S: Final = 0.5         # how often each redemption process voids holds past their timeout
+EXPIRY_SWEEP_INTERVAL_S: Final = 1.0       # how often each redemption process expires vouchers past expires_at
+SWEEP_BATCH_MAX: Final = 500               # vouchers one sweeper transaction settles (then it goes again at once)
+SWEEP_RETRY_S: Final = 2.0                 # pause after a failed sweep
+OPEN_HOLDS_PER_VOUCHER_MAX: Final = 1000   # open holds on one voucher (a revocation voids them in one transaction)
+STATEMENT_LINES_MAX: Final = 10_000        # redemptions (and, separately, refunds) one statement lists
+
+# --- the ledger ------------------------------------------------------------------------------------------------------
+ENTRIES_LIMIT_MAX: Final = 1000            # entries one GET /v1/entries returns at most
+ENTRIES_LIMIT_DEFAULT: Final = 100
+CHECKPOINTS_LIMIT_MAX: Final = 1000        # checkpoints one GET /v1/checkpoints returns at most
+CHECKPOINTS_LIMIT_DEFAULT: Final = 100
+CHECKPOINT_INTERVAL_S: Final = 0.5         # a signing round this often: a new checkpoint within a second of growth
+LOG_STATUS_REFRESH_S: Final = 1.0          # every replica's gauges follow appends and checkpoints made by the others
+PAGE_ENTRIES: Final = 20                   # the most recent entries on the auditor's page
+PAGE_REPORTS_MAX: Final = 1000             # (city, year) rows on the auditor's page
+NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
+
+# --- the CLI ---------------------------------------------------------------------------------------------------------
+CLI_HTTP_TIMEOUT_S: Final = 30.0
+DEMO_TOKEN_TTL_S: Final = 30 * 24 * 3600
+AUDIT_TOKEN_TTL_S: Final = 3600
+
+assert PG_COMMAND_TIMEOUT_S < REQUEST_TIMEOUT_S < SHUTDOWN_TIMEOUT_S, "timeouts must nest"
+assert CONSUMER_DRAIN_S < SHUTDOWN_TIMEOUT_S and RELAY_DRAIN_S < SHUTDOWN_TIMEOUT_S
+assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writer transaction"
