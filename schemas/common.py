@@ -23,6 +23,10 @@ FenDelta = Annotated[int, Meta(ge=-AMOUNT_MAX, le=AMOUNT_MAX, description="A sig
 Total = Annotated[int, Meta(description="Money in minor units (fen for CNY)")]
 CityId = Annotated[str, Meta(pattern=ID_PATTERN, description="City id")]
 ProviderId = Annotated[str, Meta(pattern=ID_PATTERN, description="Compute provider id")]
+ProgramId = Annotated[str, Meta(pattern=ID_PATTERN, description="Voucher program (scheme) id within a city")]
+PurposeId = Annotated[str, Meta(pattern=ID_PATTERN, description="What a program funds, e.g. speech-training")]
+# The first release's one budget per city and year is this program's: every call without `program` means it.
+DEFAULT_PROGRAM: Final = "default"
 Year = Annotated[int, Meta(ge=YEAR_MIN, le=YEAR_MAX, description="Fiscal year")]
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="A lowercase UUID")]
 Name = Annotated[str, Meta(min_length=1, max_length=NAME_LENGTH_MAX)]

@@ -1,28 +1,49 @@
 """Kafka events: one tagged union; every member is the envelope of CONTRACT.md with its own `data`.
 
 Evolution rules: new fields get defaults, existing fields never change type, unknown fields are ignored by readers.
+Every event that concerns a budget or a voucher carries `program` (the city's voucher scheme); first-release events
+lack it and mean the `default` program.
 """
 from __future__ import annotations
 
-from typing import Final, Literal, Union
+from typing import Annotated, Final, Literal, Union
 
 import msgspec
+from msgspec import Meta
 
 from .common import (
-    Amount, Beneficiary, CityId, Fen, FenDelta, InvoiceNumber, Currency, Name, ProviderId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
+    DEFAULT_PROGRAM, Amount, Beneficiary, CityId, Currency, Fen, FenDelta, InvoiceNumber, Name, ProgramId, ProviderId,
+    PurposeId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
 )
+from .limits import PURPOSES_PER_PROGRAM_MAX
 
 TOPIC_ISSUING: Final = "cvl.issuing.v1"
 TOPIC_REDEMPTION: Final = "cvl.redemption.v1"
 
 YearEnd = Literal["lapse", "carry"]
 VoucherKind = Literal["compute", "model"]
+EnterpriseSize = Literal["micro", "small", "medium", "large"]
+
+
+class Eligibility(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Who a program is for; a list that is absent does not restrict. Empty lists are refused (nobody eligible)."""
+
+    sizes: Annotated[list[EnterpriseSize], Meta(min_length=1, max_length=4)] | None = None
+    purposes: Annotated[list[PurposeId], Meta(min_length=1, max_length=PURPOSES_PER_PROGRAM_MAX)] | None = None
 
 
 class CitySetData(msgspec.Struct, kw_only=True):
     city: CityId
     name: Name
     currency: Currency
+
+
+class ProgramSetData(msgspec.Struct, kw_only=True):
+    city: CityId
+    program: ProgramId
+    name: Name
+    kind: VoucherKind
+    eligible: Eligibility | None = None
 
 
 class BudgetSetData(msgspec.Struct, kw_only=True):
@@ -35,6 +56,8 @@ class BudgetSetData(msgspec.Struct, kw_only=True):
     committed: Fen
     enterprise_cap: Fen | None = None
     year_end: YearEnd = "lapse"
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class ProviderSetData(msgspec.Struct, kw_only=True):
@@ -57,6 +80,8 @@ class VoucherMintedData(msgspec.Struct, kw_only=True):
     # The budget's year-end policy when the voucher was minted; the redemption service applies the budget's
     # latest policy (from BudgetSet) at expiry, and this one when it has seen none.
     year_end: YearEnd = "lapse"
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class VoucherRevokedData(msgspec.Struct, kw_only=True):
@@ -67,17 +92,37 @@ class VoucherRevokedData(msgspec.Struct, kw_only=True):
     # Always 0 from the issuing service: the revocation is an intent. What returns to the budget is decided by the
     # redemption service when it freezes the voucher, and announced there as VoucherFrozen.
     returned: Fen = 0
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class VoucherExpiredData(msgspec.Struct, kw_only=True):
     voucher_id: Uuid
     city: CityId
     year: Year
-    # The unspent value that left the voucher: to lapsed:{city}:{year} ("lapse") or back to the budget ("carry").
+    # The unspent value that left the voucher: to lapsed:{city}:{year} ("lapse") or to the NEXT year's budget of the
+    # same program ("carry").
     amount: Fen
     disposition: YearEnd
     # Set when a refund on an already expired voucher sends the refunded value the same way.
     refund_id: Uuid | None = None
+    program: ProgramId = DEFAULT_PROGRAM
+
+
+
+class BudgetCarriedData(msgspec.Struct, kw_only=True):
+    """Year-end carry, the budget's side: an expired voucher's unspent value (its VoucherExpired, disposition "carry")
+    raised the amount of the NEXT year's budget of the same program (created if absent). The postings are on the
+    VoucherExpired entry (voucher -> budget of `year`); this entry records the budget's step and carries none."""
+
+    city: CityId
+    program: ProgramId = DEFAULT_PROGRAM
+    year: Year                      # the year whose budget was raised (the voucher's year + 1)
+    from_year: Year
+    voucher_id: Uuid
+    amount: Fen                     # what was carried
+    budget_amount: Fen              # the raised budget's amount after the step
+    budget_committed: Fen
 
 
 class VoucherFrozenData(msgspec.Struct, kw_only=True):
@@ -91,6 +136,8 @@ class VoucherFrozenData(msgspec.Struct, kw_only=True):
     reason: Reason | None = None
     # Set when a refund on an already frozen voucher sends the refunded value on to the budget.
     refund_id: Uuid | None = None
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class Invoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -107,6 +154,8 @@ class VoucherRedeemedData(msgspec.Struct, kw_only=True):
     amount: Amount
     balance: Fen
     invoice: Invoice | None = None
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class HoldPlacedData(msgspec.Struct, kw_only=True):
@@ -118,6 +167,8 @@ class HoldPlacedData(msgspec.Struct, kw_only=True):
     amount: Amount
     expires_at: Timestamp
     invoice: Invoice | None = None
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class HoldCapturedData(msgspec.Struct, kw_only=True):
@@ -131,6 +182,8 @@ class HoldCapturedData(msgspec.Struct, kw_only=True):
     # The redemption the capture became (refundable like any other); None only for a capture of 0.
     redemption_id: Uuid | None = None
     invoice: Invoice | None = None
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class HoldVoidedData(msgspec.Struct, kw_only=True):
@@ -141,6 +194,8 @@ class HoldVoidedData(msgspec.Struct, kw_only=True):
     provider: ProviderId
     amount: Amount
     reason: Literal["voided", "expired", "revoked"]
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class RedemptionRefundedData(msgspec.Struct, kw_only=True):
@@ -151,6 +206,8 @@ class RedemptionRefundedData(msgspec.Struct, kw_only=True):
     year: Year
     provider: ProviderId
     amount: Amount
+    program: ProgramId = DEFAULT_PROGRAM
+
 
 
 class Envelope(msgspec.Struct, kw_only=True, tag_field="type"):
@@ -166,6 +223,14 @@ class CitySet(Envelope, tag="CitySet"):
 
 class BudgetSet(Envelope, tag="BudgetSet"):
     data: BudgetSetData
+
+
+class ProgramSet(Envelope, tag="ProgramSet"):
+    data: ProgramSetData
+
+
+class BudgetCarried(Envelope, tag="BudgetCarried"):
+    data: BudgetCarriedData
 
 
 class ProviderSet(Envelope, tag="ProviderSet"):
@@ -210,7 +275,7 @@ class VoucherFrozen(Envelope, tag="VoucherFrozen"):
 
 Event = Union[
     CitySet, BudgetSet, ProviderSet, VoucherMinted, VoucherRevoked, VoucherExpired,
-    VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded, VoucherFrozen,
+    VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded, VoucherFrozen, ProgramSet, BudgetCarried,
 ]
 EVENT_TYPES: Final[tuple[type[Envelope], ...]] = Event.__args__  # type: ignore[attr-defined]
 

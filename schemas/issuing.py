@@ -7,10 +7,11 @@ import msgspec
 from msgspec import Meta
 
 from .common import (
-    Amount, Beneficiary, CityId, Currency, Name, ProviderId, Reason, SubsidyRatioBp, Timestamp, Total, Uuid, Year,
+    DEFAULT_PROGRAM, Amount, Beneficiary, CityId, Currency, Name, ProgramId, ProviderId, PurposeId, Reason,
+    SubsidyRatioBp, Timestamp, Total, Uuid, Year,
 )
 from .limits import BATCH_MINT_MAX, CITIES_PER_PROVIDER_MAX, PROVIDERS_PER_LIST_MAX
-from .events import VoucherKind, YearEnd
+from .events import Eligibility, EnterpriseSize, VoucherKind, YearEnd
 
 
 class CityIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -38,6 +39,28 @@ class Budget(msgspec.Struct, kw_only=True):
     available: Total
     enterprise_cap: Total | None
     year_end: YearEnd
+    program: ProgramId = DEFAULT_PROGRAM
+
+
+class ProgramIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Name
+    kind: VoucherKind
+    eligible: Eligibility | None = None
+
+
+class Program(msgspec.Struct, kw_only=True):
+    city: CityId
+    program: ProgramId
+    name: Name
+    kind: VoucherKind
+    eligible: Eligibility | None = None
+
+
+class BeneficiaryProfile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Who the beneficiary is, for programs with eligibility rules (e.g. Wuhan's vouchers for small enterprises)."""
+
+    size: EnterpriseSize | None = None
+    purpose: PurposeId | None = None
 
 
 class ProviderIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +83,8 @@ class MintIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kind: VoucherKind = "compute"
     subsidy_ratio_bp: SubsidyRatioBp = 10_000
     providers: Annotated[list[ProviderId], Meta(min_length=1, max_length=PROVIDERS_PER_LIST_MAX)] | None = None
+    program: ProgramId = DEFAULT_PROGRAM
+    beneficiary_profile: BeneficiaryProfile | None = None
 
 
 class BatchMintIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +111,7 @@ class Voucher(msgspec.Struct, kw_only=True):
     revoked_reason: str | None = None
     # True from the revocation until the redemption service has frozen the voucher and `returned` is known.
     revocation_pending: bool = False
+    program: ProgramId = DEFAULT_PROGRAM
 
 
 class BatchMintOut(msgspec.Struct, kw_only=True):

@@ -30,6 +30,7 @@ BATCH_MINT_MAX: Final = 1000               # vouchers in one POST /v1/vouchers/b
 HOLD_TIMEOUT_S_MIN: Final = 1              # a hold lives at least a second ...
 HOLD_TIMEOUT_S_MAX: Final = 7 * 24 * 3600  # ... and at most a week before it voids itself
 EVENT_TYPE_LENGTH_MAX: Final = 64
+PURPOSES_PER_PROGRAM_MAX: Final = 100     # purposes one program's eligibility lists
 BIGINT_MAX: Final = 2**63 - 1              # a PostgreSQL bigint: entry indexes, tree sizes, posting amounts
 
 # --- the HTTP edge ---------------------------------------------------------------------------------------------------
