@@ -15,7 +15,6 @@ the latest signed checkpoint (or any before the first checkpoint) is 404 `not_fo
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import logging
 import time
@@ -28,19 +27,20 @@ from msgspec import Meta
 from prometheus_client import Counter, Gauge
 
 from schemas.common import CityId, Year
-from schemas.ledger import (
-    Account, CheckpointView, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
+from schemas.ledger import Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance
+from schemas.limits import (
+    BIGINT_MAX, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT, CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
+    ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
 from services.common import db, http, kafka, metrics, tasks
 from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
-from services.common.errors import Forbidden, NotFound, ValidationFailed
+from services.common.errors import Forbidden, ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
-from schemas.limits import SHUTDOWN_TIMEOUT_S
 
-from . import domain, merkle, notes, page, store
+from . import commands, domain, notes, page, queries
 
 log = logging.getLogger("cvl.ledger")
 
@@ -48,19 +48,12 @@ SERVICE: Final = "ledger"
 SCHEMA: Final = "ledger"
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 CONSUMER_GROUP: Final = "ledger"
-ENTRIES_LIMIT_MAX: Final = 1000          # entries one GET /v1/entries returns at most
-ENTRIES_LIMIT_DEFAULT: Final = 100
-ENTRY_INDEX_MAX: Final = 2**63 - 1       # bigint
-LOG_STATUS_REFRESH_S: Final = 1.0        # every replica's gauges follow appends and checkpoints made by the others
-CHECKPOINT_INTERVAL_S: Final = 0.5       # a signing round this often: a new checkpoint within a second of growth
-CHECKPOINTS_LIMIT_MAX: Final = 1000      # checkpoints one GET /v1/checkpoints returns at most
-CHECKPOINTS_LIMIT_DEFAULT: Final = 100
-PAGE_ENTRIES: Final = 20                 # the most recent entries on the auditor's page
-PAGE_REPORTS_MAX: Final = 1000           # (city, year) rows on the auditor's page
 TEXT_PLAIN: Final = "text/plain"
+# No script, no remote resources: the page's only style is inline.
+PAGE_HEADERS: Final = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                       "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
-CONSUMER: Final = web.AppKey("consumer", Consumer)
 LOG_KEY: Final = web.AppKey("log_key", notes.LogKey)
 
 journal_size = Gauge("cvl_ledger_journal_size_entries", "Entries in the journal (the Merkle tree size)")
@@ -93,68 +86,61 @@ class _CheckpointAge:
 checkpoint_age = _CheckpointAge()
 Gauge("cvl_ledger_checkpoint_age_seconds", checkpoint_age.__doc__ or "").set_function(checkpoint_age)
 
-EntryIndex = Annotated[int, Meta(ge=0, le=ENTRY_INDEX_MAX, description="An entry index (leaf position, from 0)")]
+EntryIndex = Annotated[int, Meta(ge=0, le=BIGINT_MAX, description="An entry index (leaf position, from 0)")]
 EntriesLimit = Annotated[int, Meta(ge=1, le=ENTRIES_LIMIT_MAX, description="How many entries, at most")]
-TreeSize = Annotated[int, Meta(ge=1, le=merkle.TREE_SIZE_MAX, description="A tree size (number of leaves)")]
-CheckpointStart = Annotated[int, Meta(ge=0, le=ENTRY_INDEX_MAX,
+TreeSize = Annotated[int, Meta(ge=1, le=BIGINT_MAX, description="A tree size (number of leaves)")]
+CheckpointStart = Annotated[int, Meta(ge=0, le=BIGINT_MAX,
                                       description="Position of the first checkpoint to return, from 0 (oldest)")]
 CheckpointsLimit = Annotated[int, Meta(ge=1, le=CHECKPOINTS_LIMIT_MAX, description="How many checkpoints, at most")]
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
 
 
 # --- the journal's consumer -------------------------------------------------------------------------------------------
 
 async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> None:
-    """Consumer handler: fresh events, in delivery order, inside the consumer's transaction."""
-    appended = await store.append(conn, batch)
-    for d, exc in appended.rejected:
+    """Consumer handler: fresh events, in delivery order, inside the consumer's transaction (commands.journal)."""
+    journaled = await commands.journal(conn, batch)
+    for d, exc in journaled.rejected:
         metrics.dead_letters.labels(SERVICE, d.topic).inc()
         log.error("event cannot be posted; kept in dead_letters",
                   extra={"event_id": d.event.event_id, "topic": d.topic, "partition": d.partition,
                          "offset": d.offset, "error": str(exc)})
-    if appended.duplicates:
-        log.warning("events already journaled were skipped", extra={"count": appended.duplicates})
+    if journaled.duplicates:
+        log.warning("events already journaled were skipped", extra={"count": journaled.duplicates})
     # Counted before the commit: a batch that then fails to commit is counted again when redelivered (rare).
-    for type_, count in collections.Counter(e.type for e in appended.entries).items():
+    for type_, count in collections.Counter(e.type for e in journaled.entries).items():
         metrics.journal_entries.labels(type_).inc(count)
-    journal_size.set(appended.size)
+    journal_size.set(journaled.size)
 
 
 async def _refresh_log_status(pool: asyncpg.Pool) -> None:
     """Background task: the tree and checkpoint gauges follow the database (appends and checkpoints of any replica)."""
     while True:
         try:
-            row = await pool.fetchrow(store.LOG_STATUS_SQL)
-            signed = row["signed_size"] or 0
-            journal_size.set(row["size"])
-            checkpoint_size.set(signed)
-            checkpoint_behind.set(row["size"] - signed)
-            age_s = row["checkpoint_age_s"]
-            checkpoint_age.set(None if age_s is None else float(age_s))
+            status = await queries.log_status(pool)
+            journal_size.set(status.size)
+            checkpoint_size.set(status.signed_size)
+            checkpoint_behind.set(status.size - status.signed_size)
+            checkpoint_age.set(status.checkpoint_age_s)
         except Exception:
             log.exception("reading the log's status failed")
         await asyncio.sleep(LOG_STATUS_REFRESH_S)
 
 
 async def _sign_checkpoints(pool: asyncpg.Pool, key: notes.LogKey) -> None:
-    """Background task: every CHECKPOINT_INTERVAL_S, sign a checkpoint if the journal grew (store.sign_checkpoint).
+    """Background task: every CHECKPOINT_INTERVAL_S, sign a checkpoint if the journal grew (commands.sign_checkpoint).
 
     Every replica runs it; the advisory lock lets one sign per round. A refusal (the tree does not extend the latest
     checkpoint) is logged and counted, and retried next round: it persists until an operator looks.
     """
     while True:
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                signed = await store.sign_checkpoint(conn, key)
+            signed = await commands.sign_checkpoint(pool, key)
             if signed is not None:
                 checkpoints_signed.inc()
                 checkpoint_size.set(signed.tree_size)
                 checkpoint_age.set(0.0)
                 log.debug("checkpoint signed", extra={"tree_size": signed.tree_size, "seq": signed.seq})
-        except (store.InconsistentLog, notes.NoteError, store.MissingSubtree) as exc:
+        except (commands.InconsistentLog, notes.NoteError, queries.MissingSubtree) as exc:
             checkpoint_failures.labels("inconsistent").inc()
             log.error("refusing to sign a checkpoint: %s", exc)
         except Exception:
@@ -179,10 +165,7 @@ async def _require_account_scope(pool: asyncpg.Pool, who: Principal, name: str) 
     if ref.city is not None:
         require(who, "auditor", city=ref.city)
     elif ref.voucher_id is not None:
-        home = await pool.fetchrow(store.VOUCHER_HOME_SQL, ref.voucher_id)
-        if home is None:
-            raise NotFound(f"account {name} has never moved")
-        require(who, "auditor", city=home["city"])
+        require(who, "auditor", city=await queries.voucher_city(pool, name, ref.voucher_id))
     else:
         raise Forbidden(f"this auditor token is for city {who.city}; provider accounts span cities")
 
@@ -195,10 +178,7 @@ async def get_account(request: web.Request) -> web.Response:
     name = param(request, "account", domain.AccountName)
     pool = request.app[POOL]
     await _require_account_scope(pool, who, name)
-    row = await pool.fetchrow(store.GET_ACCOUNT_SQL, name)
-    if row is None:
-        raise NotFound(f"account {name} has never moved")
-    return json_response(store.account_view(row))
+    return json_response(await queries.account(pool, name))
 
 
 async def get_city_report(request: web.Request) -> web.Response:
@@ -206,38 +186,22 @@ async def get_city_report(request: web.Request) -> web.Response:
     city = param(request, "city", CityId)
     year = param(request, "year", Year)
     require(who, "admin", "auditor", "issuer", city=city)
-    row = await request.app[POOL].fetchrow(store.GET_REPORT_SQL, city, year, domain.appropriation(city, year),
-                                           domain.budget(city, year), domain.lapsed(city, year))
-    if row is None:
-        raise NotFound(f"the ledger has no event for {city} {year}")
-    return json_response(store.report_view(row))
+    return json_response(await queries.city_report(request.app[POOL], city, year))
 
 
 async def get_trial_balance(request: web.Request) -> web.Response:
     _require_whole_ledger(principal(request))
-    return json_response(store.trial_balance_view(await request.app[POOL].fetchrow(store.TRIAL_BALANCE_SQL)))
+    return json_response(await queries.trial_balance(request.app[POOL]))
 
 
 async def list_entries(request: web.Request) -> web.Response:
     _require_whole_ledger(principal(request))
     start = param(request, "start", EntryIndex, query=True, default=0)
     limit = param(request, "limit", EntriesLimit, query=True, default=ENTRIES_LIMIT_DEFAULT)
-    pool = request.app[POOL]
-    rows = await pool.fetch(store.LIST_JOURNAL_SQL, start, limit)
-    # Committed entries never change, so the postings of exactly these entries can be read in a second statement.
-    postings = await pool.fetch(store.LIST_POSTINGS_SQL, rows[0]["index"], rows[-1]["index"]) if rows else []
-    return json_response(Entries(entries=store.entries_view(rows, postings)))
+    return json_response(await queries.entries(request.app[POOL], start, limit))
 
 
 # --- the audit log ----------------------------------------------------------------------------------------------------
-
-async def _signed_size(pool: asyncpg.Pool, name: str, size: int) -> None:
-    """404 unless tree size `size` (parameter `name`) is covered by a signed checkpoint."""
-    signed = await pool.fetchval(store.SIGNED_SIZE_SQL)
-    if size > signed:
-        raise NotFound(f"parameter {name}: no checkpoint covers tree size {size} yet"
-                       + (f"; the latest is of size {signed}" if signed else "; none has been signed yet"))
-
 
 async def get_inclusion_proof(request: web.Request) -> web.Response:
     require(principal(request), "admin", "auditor")
@@ -245,12 +209,7 @@ async def get_inclusion_proof(request: web.Request) -> web.Response:
     tree_size = param(request, "tree_size", TreeSize, query=True)
     if index >= tree_size:
         raise ValidationFailed(f"parameter index: {index} is not below tree_size {tree_size}", field="index")
-    pool = request.app[POOL]
-    await _signed_size(pool, "tree_size", tree_size)
-    get = await store.subtree_getter(pool, merkle.inclusion_subtrees(index, tree_size))
-    path = merkle.inclusion_proof(index, tree_size, get)
-    return json_response(InclusionProof(index=index, tree_size=tree_size, leaf_hash=_b64(get(0, index)),
-                                        path=[_b64(h) for h in path]))
+    return json_response(await queries.inclusion_proof(request.app[POOL], index, tree_size))
 
 
 async def get_consistency_proof(request: web.Request) -> web.Response:
@@ -259,27 +218,18 @@ async def get_consistency_proof(request: web.Request) -> web.Response:
     second = param(request, "second", TreeSize, query=True)
     if first > second:
         raise ValidationFailed(f"parameter first: {first} is above second ({second})", field="first")
-    pool = request.app[POOL]
-    await _signed_size(pool, "second", second)
-    get = await store.subtree_getter(pool, merkle.consistency_subtrees(first, second))
-    path = merkle.consistency_proof(first, second, get)
-    return json_response(ConsistencyProof(first=first, second=second, path=[_b64(h) for h in path]))
+    return json_response(await queries.consistency_proof(request.app[POOL], first, second))
 
 
 async def get_checkpoint(request: web.Request) -> web.Response:
-    row = await request.app[POOL].fetchrow(store.LATEST_CHECKPOINT_SQL)
-    if row is None:
-        raise NotFound("no checkpoint has been signed yet: the journal is empty")
-    return web.Response(text=row["note"], content_type=TEXT_PLAIN, charset="utf-8")
+    return web.Response(text=await queries.latest_note(request.app[POOL]), content_type=TEXT_PLAIN, charset="utf-8")
 
 
 async def list_checkpoints(request: web.Request) -> web.Response:
     require(principal(request), "admin", "auditor")
     start = param(request, "start", CheckpointStart, query=True, default=0)
     limit = param(request, "limit", CheckpointsLimit, query=True, default=CHECKPOINTS_LIMIT_DEFAULT)
-    rows = await request.app[POOL].fetch(store.LIST_CHECKPOINTS_SQL, start, limit)
-    return json_response(Checkpoints(checkpoints=[
-        CheckpointView(tree_size=r["tree_size"], note=r["note"], signed_at=r["signed_at"]) for r in rows]))
+    return json_response(await queries.checkpoints(request.app[POOL], start, limit))
 
 
 async def get_log_key(request: web.Request) -> web.Response:
@@ -288,14 +238,10 @@ async def get_log_key(request: web.Request) -> web.Response:
 
 async def auditor_page(request: web.Request) -> web.Response:
     settings = request.app[http.SETTINGS]
-    async with request.app[POOL].acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        data = await store.page_data(conn, PAGE_REPORTS_MAX, PAGE_ENTRIES)
-    text = page.render(data._replace(verifier_key=request.app[LOG_KEY].verifier(),
-                                     base_url=f"http://{settings.host}:{settings.port}"))
-    # No script, no remote resources: the page's only style is inline.
-    return web.Response(text=text, content_type="text/html", charset="utf-8",
-                        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-                                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    data = await queries.page_data(request.app[POOL], PAGE_REPORTS_MAX, PAGE_ENTRIES,
+                                   verifier_key=request.app[LOG_KEY].verifier(),
+                                   base_url=f"http://{settings.host}:{settings.port}")
+    return web.Response(text=page.render(data), content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
 
 
 ROUTES: Final = [
@@ -339,7 +285,7 @@ def create_app(settings: Settings) -> web.Application:
         await db.migrate(pool, SCHEMA, MIGRATIONS)
         consumer = Consumer(settings, pool, topics=[settings.topic_issuing, settings.topic_redemption],
                             group=CONSUMER_GROUP, handler=journal)
-        app[POOL], app[CONSUMER] = pool, consumer
+        app[POOL] = pool
         consumer_task = asyncio.create_task(consumer.run(), name="ledger-consumer")
         background = [asyncio.create_task(_refresh_log_status(pool), name="log-status"),
                       asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY]), name="checkpoint-signer")]

@@ -30,15 +30,19 @@ on the frozen voucher afterwards. Both count as "revoked" in the city report.
 A posting whose amount would be zero is omitted (a capture of 0 has no provider posting; a revocation that returned
 0 has none at all). `hold:` accounts are per voucher (CONTRACT.md: `hold:{voucher_id}`), not per hold.
 
-An event whose amounts are negative or beyond a bigint cannot be posted (the event schema types some of them as
-unbounded totals): `journal_entry` raises `InvalidEvent` for it, and the store keeps it in `dead_letters` rather
-than stalling the log.
+An event whose amounts are negative or beyond a bigint cannot be posted. The event decoder already bounds every
+amount; these checks keep an event that reached the ledger some other way out of the tables: `journal_entry` raises
+`InvalidEvent` for it, and the journal command keeps it in `dead_letters` rather than stalling the log.
+
+A consumer batch becomes entries with `journal_batch`: events already journaled are skipped, invalid ones are set
+aside without taking an index, and the accounts, city reports and voucher homes the batch changes are summed.
 """
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Final, NamedTuple, assert_never
 
 import msgspec
@@ -46,7 +50,7 @@ from msgspec import Meta
 
 from schemas import events as ev
 from schemas.common import ID_PATTERN, UUID_PATTERN
-from schemas.limits import YEAR_MAX, YEAR_MIN
+from schemas.limits import BIGINT_MAX, EVENT_TYPE_LENGTH_MAX, ID_LENGTH_MAX, YEAR_MAX, YEAR_MIN
 from schemas.ledger import Posting
 
 # --- the chart of accounts --------------------------------------------------------------------------------------------
@@ -58,7 +62,7 @@ assert (YEAR_MIN, YEAR_MAX) == (2000, 2100), "_YEAR spells out the contract's ye
 ACCOUNT_PATTERN: Final = (
     rf"^(?:(?:appropriation|budget|lapsed):{_ID}:{_YEAR}|(?:voucher|hold):{_UUID}|provider:{_ID})$"
 )
-ACCOUNT_LENGTH_MAX: Final = len("appropriation:") + 63 + len(":2100")
+ACCOUNT_LENGTH_MAX: Final = len("appropriation:") + ID_LENGTH_MAX + len(f":{YEAR_MAX}")
 CITY_YEAR_KINDS: Final = ("appropriation", "budget", "lapsed")
 VOUCHER_KINDS: Final = ("voucher", "hold")
 _ACCOUNT_RE: Final = re.compile(ACCOUNT_PATTERN)
@@ -116,11 +120,9 @@ def parse_account(name: str) -> AccountRef:
 
 # --- postings ---------------------------------------------------------------------------------------------------------
 
-POSTING_AMOUNT_MAX: Final = 2**63 - 1  # a bigint column; events type some amounts as unbounded totals
-
-
 class InvalidEvent(ValueError):
-    """An event whose amounts cannot be posted (negative): an upstream bug, kept aside rather than journaled."""
+    """An event whose amounts cannot be posted (negative, or beyond a bigint): an upstream bug, kept aside rather
+    than journaled."""
 
 
 def _not_negative(event: ev.Event, **amounts: int) -> None:
@@ -207,9 +209,9 @@ def journal_entry(index: int, event: ev.Event) -> JournalEntry:
     """`event` as the entry at position `index` of the log: balanced postings and the leaf bytes to hash."""
     entry_postings = postings(event)
     for p in entry_postings:
-        if max(p.debit, p.credit) > POSTING_AMOUNT_MAX:
+        if max(p.debit, p.credit) > BIGINT_MAX:
             raise InvalidEvent(f"{event_type(event)} {event.event_id}: {p.account} would move more than "
-                               f"{POSTING_AMOUNT_MAX}")
+                               f"{BIGINT_MAX}")
     check_balanced(entry_postings)
     type_ = event_type(event)
     return JournalEntry(index=index, event_id=event.event_id, type=type_, occurred_at=event.occurred_at,
@@ -278,23 +280,81 @@ def voucher_home(event: ev.Event) -> tuple[str, CityYear] | None:
     return voucher_id, CityYear(data.city, data.year)  # type: ignore[attr-defined]
 
 
+# --- a consumer batch -------------------------------------------------------------------------------------------------
+
+class AccountTotals(NamedTuple):
+    debits: int
+    credits: int
+
+
+class JournalBatch(NamedTuple):
+    """What one batch of events adds to a log of `size` entries, before anything is written."""
+
+    entries: list[JournalEntry]                    # indexes size, size + 1, ... in delivery order
+    duplicates: int                                # events already journaled (or twice in the batch): skipped
+    rejected: list[tuple[int, InvalidEvent]]       # (position in the batch, why): kept aside, no index taken
+    accounts: dict[str, AccountTotals]             # what the entries add to each account
+    reports: dict[CityYear, ReportDelta]           # what they add to each city report
+    homes: dict[str, CityYear]                     # the (city, year) of every voucher they name
+
+
+def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) -> JournalBatch:
+    """`events`, in delivery order, as the next entries of a log of `size` entries.
+
+    Invariants: indexes are contiguous from `size`; an event id is journaled at most once (`journaled` holds the ids
+    the log already has; it is not changed); every entry balances, and so does the batch's sum over accounts.
+    """
+    assert size >= 0, size
+    seen = set(journaled)
+    entries: list[JournalEntry] = []
+    rejected: list[tuple[int, InvalidEvent]] = []
+    accounts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # account -> [debits, credits]
+    reports: dict[CityYear, ReportDelta] = {}
+    homes: dict[str, CityYear] = {}
+    duplicates = 0
+    for position, event in enumerate(events):
+        if event.event_id in seen:
+            duplicates += 1
+            continue
+        seen.add(event.event_id)
+        try:
+            entry = journal_entry(size + len(entries), event)
+        except InvalidEvent as exc:
+            rejected.append((position, exc))
+            continue
+        entries.append(entry)
+        for p in entry.postings:
+            accounts[p.account][0] += p.debit
+            accounts[p.account][1] += p.credit
+        if (report := report_delta(event, entry.postings)) is not None:
+            key, delta = report
+            before = reports.get(key, ReportDelta())
+            reports[key] = ReportDelta(*(a + b for a, b in zip(before, delta)))
+        if (home := voucher_home(event)) is not None:
+            homes.setdefault(*home)
+
+    assert [e.index for e in entries] == list(range(size, size + len(entries)))
+    assert sum(a[0] for a in accounts.values()) == sum(a[1] for a in accounts.values()), "the batch does not balance"
+    return JournalBatch(entries, duplicates, rejected, {a: AccountTotals(*t) for a, t in accounts.items()},
+                        reports, homes)
+
+
 # --- leaf bytes, version 1 --------------------------------------------------------------------------------------------
 
 LEAF_V1_PREFIX: Final = b"cvl-leaf-v1\n"
-EVENT_TYPE_PATTERN: Final = r"^[A-Z][A-Za-z]{0,63}$"
+EVENT_TYPE_PATTERN: Final = rf"^[A-Z][A-Za-z]{{0,{EVENT_TYPE_LENGTH_MAX - 1}}}$"
 _UUID_RE: Final = re.compile(UUID_PATTERN)
 _TYPE_RE: Final = re.compile(EVENT_TYPE_PATTERN)
-_OCCURRED_AT_RE: Final = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{6})Z$")
 
 
-class LeafPostingV1(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class LeafPostingV1(msgspec.Struct, frozen=True):
     # Fields in sorted key order; the encoder sorts as well, so the bytes never depend on declaration order.
     account: str
     credit: int
     debit: int
 
 
-class LeafV1(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class LeafV1(msgspec.Struct, frozen=True):
     event_id: str
     index: int
     occurred_at: str
@@ -303,7 +363,6 @@ class LeafV1(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _leaf_encoder: Final = msgspec.json.Encoder(order="sorted")
-_leaf_decoder: Final = msgspec.json.Decoder(LeafV1)
 
 
 def format_occurred_at(occurred_at: dt.datetime) -> str:
@@ -313,13 +372,6 @@ def format_occurred_at(occurred_at: dt.datetime) -> str:
     u = occurred_at.astimezone(dt.timezone.utc)
     return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}"
             f".{u.microsecond:06d}Z")
-
-
-def parse_occurred_at(text: str) -> dt.datetime:
-    m = _OCCURRED_AT_RE.match(text)
-    if m is None:
-        raise ValueError(f"occurred_at {text!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ")
-    return dt.datetime(*map(int, m.groups()), tzinfo=dt.timezone.utc)  # type: ignore[misc]
 
 
 def leaf_v1(index: int, event_id: str, type: str, occurred_at: dt.datetime, postings: Iterable[Posting]) -> bytes:
@@ -348,7 +400,7 @@ def leaf_v1(index: int, event_id: str, type: str, occurred_at: dt.datetime, post
         "postings":[{"account":"budget:wuxi:2026","credit":0,"debit":500},\\
         {"account":"voucher:cafe0bca-b754-4088-ae3f-e909a55702b9","credit":500,"debit":0}],"type":"VoucherMinted"}
 
-    Raises ValueError for fields outside these forms (an offline verifier may call it with untrusted input).
+    Raises ValueError for fields outside these forms, so that no leaf the ledger writes is ambiguous.
     """
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"index {index!r} must be an integer >= 0")
@@ -367,27 +419,3 @@ def leaf_v1(index: int, event_id: str, type: str, occurred_at: dt.datetime, post
     body = LeafV1(event_id=event_id, index=index, occurred_at=format_occurred_at(occurred_at),
                   postings=leaf_postings, type=type)
     return LEAF_V1_PREFIX + _leaf_encoder.encode(body)
-
-
-class Leaf(NamedTuple):
-    index: int
-    event_id: str
-    type: str
-    occurred_at: dt.datetime
-    postings: list[Posting]
-
-
-def parse_leaf_v1(raw: bytes) -> Leaf:
-    """The fields of a version-1 leaf; ValueError unless `raw` is exactly what `leaf_v1` makes of them."""
-    if not raw.startswith(LEAF_V1_PREFIX):
-        raise ValueError("the leaf does not start with b'cvl-leaf-v1\\n'")
-    try:
-        body = _leaf_decoder.decode(raw[len(LEAF_V1_PREFIX):])
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"the leaf's JSON is not a version-1 leaf: {exc}") from exc
-    leaf = Leaf(index=body.index, event_id=body.event_id, type=body.type,
-                occurred_at=parse_occurred_at(body.occurred_at),
-                postings=[Posting(account=p.account, debit=p.debit, credit=p.credit) for p in body.postings])
-    if leaf_v1(*leaf) != raw:
-        raise ValueError("the leaf is not in canonical form")
-    return leaf

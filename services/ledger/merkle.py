@@ -15,9 +15,9 @@ import hashlib
 from collections.abc import Callable, Iterable
 from typing import Final, NamedTuple
 
+from schemas.limits import BIGINT_MAX
+
 HASH_SIZE: Final = 32
-LEVEL_MAX: Final = 63                      # a bigint tree size has at most 63 levels above the leaves
-TREE_SIZE_MAX: Final = 2**63 - 1
 EMPTY_ROOT: Final = hashlib.sha256(b"").digest()   # MTH({}) = SHA-256() (RFC 9162 §2.1.1)
 _LEAF_PREFIX: Final = b"\x00"
 _NODE_PREFIX: Final = b"\x01"
@@ -92,13 +92,13 @@ def range_hash(start: int, end: int, get: SubtreeHash) -> bytes:
 
 def root(size: int, get: SubtreeHash) -> bytes:
     """MTH of the first `size` leaves."""
-    assert 0 <= size <= TREE_SIZE_MAX, size
+    assert 0 <= size <= BIGINT_MAX, size
     return EMPTY_ROOT if size == 0 else range_hash(0, size, get)
 
 
 def inclusion_proof(index: int, size: int, get: SubtreeHash) -> list[bytes]:
     """PATH(index, D[0:size]) (RFC 9162 §2.1.3.1): sibling hashes from the leaf up to the root."""
-    assert 0 <= index < size <= TREE_SIZE_MAX, (index, size)
+    assert 0 <= index < size <= BIGINT_MAX, (index, size)
     siblings = []           # collected from the root down, returned leaf first
     start, end = 0, size
     while end - start > 1:
@@ -114,7 +114,7 @@ def inclusion_proof(index: int, size: int, get: SubtreeHash) -> list[bytes]:
 
 def consistency_proof(first: int, second: int, get: SubtreeHash) -> list[bytes]:
     """PROOF(first, D[0:second]) = SUBPROOF(first, D[0:second], true) (RFC 9162 §2.1.4.1); empty when equal."""
-    assert 0 < first <= second <= TREE_SIZE_MAX, (first, second)
+    assert 0 < first <= second <= BIGINT_MAX, (first, second)
     parts = []              # collected from the root down, returned deepest first
     start, end, m, whole = 0, second, first, True
     while True:

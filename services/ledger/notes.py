@@ -26,6 +26,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from schemas.limits import BIGINT_MAX, LOG_NAME_LENGTH_MAX, NOTE_LENGTH_MAX
+from services.common import keyfile
+
 ORIGIN_DEFAULT: Final = "cvl.example/ledger"
 ORIGIN_ENV: Final = "CVL_LOG_ORIGIN"
 KEY_ENV: Final = "CVL_LOG_KEY"
@@ -34,10 +37,11 @@ ALG_ED25519: Final = 0x01
 SEED_SIZE: Final = 32
 KEY_ID_SIZE: Final = 4
 SIGNATURE_SIZE: Final = 64
-NOTE_LENGTH_MAX: Final = 4096       # a checkpoint note with one signature is ~150 bytes
 SIGNATURE_PREFIX: Final = "\u2014 "  # em dash, space
 # A key name: non-empty, no Unicode space, no '+'; we also keep it printable ASCII so it is safe in any header.
-_NAME_RE: Final = re.compile(r"^[\x21-\x2a\x2c-\x7e]{1,255}$")
+_NAME_RE: Final = re.compile(rf"^[\x21-\x2a\x2c-\x7e]{{1,{LOG_NAME_LENGTH_MAX}}}$")
+# A tree size: a decimal bigint without leading zeros (at most as many digits as BIGINT_MAX).
+_SIZE_RE: Final = re.compile(rf"0|[1-9][0-9]{{0,{len(str(BIGINT_MAX)) - 1}}}")
 
 
 class NoteError(ValueError):
@@ -46,7 +50,8 @@ class NoteError(ValueError):
 
 def check_name(name: str) -> str:
     if not _NAME_RE.match(name):
-        raise NoteError(f"{name!r} is not a key name (printable ASCII, no spaces, no '+', 1-255 characters)")
+        raise NoteError(f"{name!r} is not a key name (printable ASCII, no spaces, no '+', "
+                        f"1-{LOG_NAME_LENGTH_MAX} characters)")
     return name
 
 
@@ -110,16 +115,9 @@ def load_log_key(run_dir: Path, origin: str) -> LogKey:
         key, where = parse_private_key(text), KEY_ENV
     else:
         path = run_dir / KEY_FILE
-        if not path.exists():
-            tmp = path.with_name(f"{KEY_FILE}.{os.getpid()}.tmp")
-            tmp.write_text(format_private_key(origin, os.urandom(SEED_SIZE)) + "\n")
-            tmp.chmod(0o600)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        key, where = parse_private_key(path.read_text()), str(path)
+        text = keyfile.read_or_create(
+            path, lambda: (format_private_key(origin, os.urandom(SEED_SIZE)) + "\n").encode()).decode()
+        key, where = parse_private_key(text), str(path)
     if key.name != origin:
         raise NoteError(f"the log key in {where} is named {key.name!r} but the log's origin is {origin!r}: "
                         f"set {ORIGIN_ENV}={key.name} or give a key of that name")
@@ -144,7 +142,7 @@ def parse_checkpoint_body(text: str) -> Checkpoint:
     if len(lines) < 4 or lines[-1] != "":
         raise NoteError("a checkpoint is origin, size and root hash, each on its own line")
     origin, size, root = lines[0], lines[1], lines[2]
-    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", size):
+    if not _SIZE_RE.fullmatch(size):
         raise NoteError(f"the checkpoint's size {size!r} is not a decimal number")
     try:
         raw_root = base64.b64decode(root, validate=True)

@@ -1,0 +1,163 @@
+"""Ledger reads: one function per thing a handler (or a command) reads, each one statement or one snapshot.
+
+They raise the domain's NotFound when there is nothing to show, and return the response Structs; SQL and row mapping
+come from store.py, proofs from merkle.py, the page's figures go to page.py. No HTTP here.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import asyncpg
+
+from schemas.ledger import (
+    Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
+)
+
+from services.common.errors import NotFound
+
+from . import domain, merkle, page, store
+
+Reader = asyncpg.Connection | asyncpg.Pool
+
+
+# --- the Merkle tree --------------------------------------------------------------------------------------------------
+
+class MissingSubtree(LookupError):
+    """A complete subtree the tree must have is not stored: the tree and the journal disagree."""
+
+
+async def subtree_getter(conn: Reader, needed: list[merkle.Subtree]) -> merkle.SubtreeHash:
+    """One read of the complete subtrees `needed` (O(log n) of them), as the lookup merkle's functions take.
+
+    A subtree that is not stored raises MissingSubtree here, before any hash is computed from a partial tree.
+    """
+    if not needed:
+        return _no_subtree
+    rows = await conn.fetch(store.SUBTREES_SQL, [s.level for s in needed], [s.index for s in needed])
+    hashes = {(r["level"], r["index"]): bytes(r["hash"]) for r in rows}
+    if len(hashes) != len(set(needed)):
+        missing = next(s for s in needed if (s.level, s.index) not in hashes)
+        raise MissingSubtree(f"the Merkle tree has no node at level {missing.level}, index {missing.index}")
+    return lambda level, index: hashes[(level, index)]
+
+
+def _no_subtree(level: int, index: int) -> bytes:
+    raise AssertionError(f"subtree ({level}, {index}) was not read")
+
+
+async def _require_signed(pool: asyncpg.Pool, name: str, size: int) -> None:
+    """NotFound unless tree size `size` (parameter `name`) is covered by a signed checkpoint."""
+    signed = await pool.fetchval(store.SIGNED_SIZE_SQL)
+    if size > signed:
+        raise NotFound(f"parameter {name}: no checkpoint covers tree size {size} yet"
+                       + (f"; the latest is of size {signed}" if signed else "; none has been signed yet"))
+
+
+async def inclusion_proof(pool: asyncpg.Pool, index: int, tree_size: int) -> InclusionProof:
+    """RFC 9162 §2.1.3.1 proof of entry `index` in a signed tree of `tree_size` leaves (index < tree_size)."""
+    assert 0 <= index < tree_size, (index, tree_size)
+    await _require_signed(pool, "tree_size", tree_size)
+    get = await subtree_getter(pool, merkle.inclusion_subtrees(index, tree_size))
+    path = merkle.inclusion_proof(index, tree_size, get)
+    return InclusionProof(index=index, tree_size=tree_size, leaf_hash=store.b64(get(0, index)),
+                          path=[store.b64(h) for h in path])
+
+
+async def consistency_proof(pool: asyncpg.Pool, first: int, second: int) -> ConsistencyProof:
+    """RFC 9162 §2.1.4.1 proof from tree size `first` to a signed `second` (first <= second)."""
+    assert 0 < first <= second, (first, second)
+    await _require_signed(pool, "second", second)
+    get = await subtree_getter(pool, merkle.consistency_subtrees(first, second))
+    path = merkle.consistency_proof(first, second, get)
+    return ConsistencyProof(first=first, second=second, path=[store.b64(h) for h in path])
+
+
+class LogStatus(NamedTuple):
+    size: int                         # entries in the journal
+    signed_size: int                  # the latest checkpoint's tree size (0 before the first)
+    checkpoint_age_s: float | None    # since it was signed (before the first: since the first entry); None if empty
+
+
+async def log_status(pool: asyncpg.Pool) -> LogStatus:
+    """The journal's size and the latest checkpoint, in one snapshot, by the database's clock."""
+    row = await pool.fetchrow(store.LOG_STATUS_SQL)
+    age_s = row["checkpoint_age_s"]
+    return LogStatus(row["size"], row["signed_size"] or 0, None if age_s is None else float(age_s))
+
+
+async def latest_note(pool: asyncpg.Pool) -> str:
+    row = await pool.fetchrow(store.LATEST_CHECKPOINT_SQL)
+    if row is None:
+        raise NotFound("no checkpoint has been signed yet: the journal is empty")
+    return row["note"]
+
+
+async def checkpoints(pool: asyncpg.Pool, start: int, limit: int) -> Checkpoints:
+    rows = await pool.fetch(store.LIST_CHECKPOINTS_SQL, start, limit)
+    return Checkpoints(checkpoints=[store.checkpoint_view(r) for r in rows])
+
+
+# --- the journal and its accounts -------------------------------------------------------------------------------------
+
+async def account(pool: asyncpg.Pool, name: str) -> Account:
+    row = await pool.fetchrow(store.GET_ACCOUNT_SQL, name)
+    if row is None:
+        raise NotFound(f"account {name} has never moved")
+    return store.account_view(row)
+
+
+async def voucher_city(pool: asyncpg.Pool, account_name: str, voucher_id: str) -> str:
+    """The city of the voucher a voucher: or hold: account belongs to (NotFound before the account moved)."""
+    home = await pool.fetchrow(store.VOUCHER_HOME_SQL, voucher_id)
+    if home is None:
+        raise NotFound(f"account {account_name} has never moved")
+    return home["city"]
+
+
+async def city_report(pool: asyncpg.Pool, city: str, year: int) -> CityReport:
+    row = await pool.fetchrow(store.GET_REPORT_SQL, city, year, domain.appropriation(city, year),
+                              domain.budget(city, year), domain.lapsed(city, year))
+    if row is None:
+        raise NotFound(f"the ledger has no event for {city} {year}")
+    return store.report_view(row)
+
+
+async def trial_balance(pool: asyncpg.Pool) -> TrialBalance:
+    return store.trial_balance_view(await pool.fetchrow(store.TRIAL_BALANCE_SQL))
+
+
+async def entries(pool: asyncpg.Pool, start: int, limit: int) -> Entries:
+    rows = await pool.fetch(store.LIST_JOURNAL_SQL, start, limit)
+    # Committed entries never change, so the postings of exactly these entries can be read in a second statement.
+    postings = await pool.fetch(store.LIST_POSTINGS_SQL, rows[0]["index"], rows[-1]["index"]) if rows else []
+    return Entries(entries=store.entries_view(rows, postings))
+
+
+# --- the auditor's page -----------------------------------------------------------------------------------------------
+
+async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, verifier_key: str,
+                    base_url: str) -> page.PageData:
+    """What the auditor's page shows, read in one repeatable-read snapshot so every figure agrees with the others.
+
+    The reports are the same views (with the same checks) as GET /v1/reports/cities/{city}/{year}.
+    """
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await conn.fetch(store.LIST_REPORTS_SQL, reports_max + 1)
+        rows, truncated = rows[:reports_max], len(rows) > reports_max
+        names = [name for r in rows for name in (domain.appropriation(r["city"], r["year"]),
+                                                  domain.budget(r["city"], r["year"]),
+                                                  domain.lapsed(r["city"], r["year"]))]
+        balances = {b["account"]: b["balance"] for b in await conn.fetch(store.BALANCES_SQL, names)} if names else {}
+        size = await conn.fetchval(store.HEAD_SQL)
+        latest = await conn.fetchrow(store.LATEST_CHECKPOINT_SQL)
+        recent = await conn.fetch(store.RECENT_ENTRIES_SQL, entries_max)
+    reports = [store.report_view({
+        **r, "appropriation_balance": balances.get(domain.appropriation(r["city"], r["year"])),
+        "budget_balance": balances.get(domain.budget(r["city"], r["year"])),
+        "lapsed_balance": balances.get(domain.lapsed(r["city"], r["year"]))}) for r in rows]
+    checkpoint = (page.PageCheckpoint(latest["tree_size"], latest["note"], latest["signed_at"])
+                  if latest else None)
+    return page.PageData(reports=reports, reports_truncated=truncated, journal_size=size, checkpoint=checkpoint,
+                         entries=[page.PageEntry(e["index"], e["type"], e["occurred_at"], bytes(e["leaf_hash"]))
+                                  for e in recent],
+                         verifier_key=verifier_key, base_url=base_url)
