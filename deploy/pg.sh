@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Dev PostgreSQL cluster for this repo: deploy/pg.sh start|stop|status
+# Dev PostgreSQL cluster for this repo: deploy/pg.sh start|stop|restart|status
 #
 # The cluster lives in $ROOT/.run/pg (data/ and sock/), is run by the
 # `postgres` OS user with the Debian server binaries, listens on 127.0.0.1
@@ -274,6 +274,20 @@ cmd_stop() {
   log "stopped"
 }
 
+# Stop (fast: open transactions roll back, connections close) and start again on the same port; the tests use it
+# to check that a database restart under load is answered 503 with Retry-After, never 500.
+cmd_restart() {
+  BINDIR="$(find_bindir)"
+  is_running || die "not running: use start"
+  local port
+  port="$(running_port)"
+  log "restarting on 127.0.0.1:$port"
+  as_pg "$BINDIR/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -m fast -w -t "$START_TIMEOUT_S" restart >/dev/null \
+    || { tail -n 30 "$LOG_FILE" >&2 || true; die "pg_ctl restart failed (log: $LOG_FILE)"; }
+  wait_ready "$port"
+  log "restarted"
+}
+
 cmd_status() {
   BINDIR="$(find_bindir)"
   if is_running; then
@@ -287,6 +301,7 @@ cmd_status() {
 case "${1:-}" in
   start)  cmd_start ;;
   stop)   cmd_stop ;;
+  restart) cmd_restart ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
 esac

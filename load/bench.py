@@ -1,7 +1,7 @@
 """`make bench`: drive the real services over HTTP and report throughput, latency and ack→ledger time.
 
-Every phase is bounded by a count and a deadline. The run starts its own services on a fresh database and fresh
-topics (like the tests), so it never touches the demo data, and checks at the end that the budget's committed amount
+Every phase is bounded by a count and a deadline (`schemas.limits`, BENCH_*). The run starts its own services on a
+fresh database and fresh topics (`services.stack`, as the tests do), so it never touches the demo data, and checks at the end that the budget's committed amount
 equals the sum of acknowledged vouchers and that the ledger agrees.
 
     python -m load.bench [--mints 20000] [--concurrency 64] [--batches 100] [--redemptions 10000] [--issuing 1]
@@ -22,11 +22,9 @@ from typing import Final
 
 import aiohttp
 
-from tests.harness import ROOT, Stack, create_stack, drop_stack, unique
+from schemas.limits import BENCH_LEDGER_WAIT_S, BENCH_PHASE_DEADLINE_S, BENCH_PROBE_WAIT_S, BENCH_PROBES
+from services.stack import ROOT, Stack, create_stack, drop_stack, unique
 
-PHASE_DEADLINE_S: Final = 300.0
-LEDGER_WAIT_S: Final = 300.0
-PROBES: Final = 100
 WRK_MINT_FEN: Final = 7
 REPORT: Final = ROOT / ".run" / "bench-report.json"
 
@@ -60,7 +58,7 @@ async def run_phase(name: str, total: int, concurrency: int, make_call) -> dict:
     statuses: dict[int, int] = {}
     results: list[dict] = []
     next_i = 0
-    deadline = time.monotonic() + PHASE_DEADLINE_S
+    deadline = time.monotonic() + BENCH_PHASE_DEADLINE_S
 
     async def worker():
         nonlocal next_i
@@ -86,11 +84,11 @@ async def ack_to_ledger(client: Client, stack: Stack, city: str, year: int, issu
     """Sequential probes: mint one voucher, then poll the ledger until its account exists."""
     delays = []
     ledger = stack.url("ledger")
-    for _ in range(PROBES):
+    for _ in range(BENCH_PROBES):
         status, body, _ = await client.post(f"{stack.url('issuing')}/v1/vouchers", issuer, mint_body(city, year, 1))
         assert status == 201, body
         acked = time.perf_counter()
-        while time.perf_counter() - acked < 30:
+        while time.perf_counter() - acked < BENCH_PROBE_WAIT_S:
             s, _ = await client.get(f"{ledger}/v1/accounts/voucher:{body['voucher_id']}", auditor)
             if s == 200:
                 delays.append(time.perf_counter() - acked)
@@ -173,7 +171,7 @@ async def main(args: argparse.Namespace) -> int:
             # Wait until the redemption side has consumed the vouchers it will be asked about.
             waited = time.monotonic()
             for v in (targets[0], targets[-1]):
-                while time.monotonic() - waited < LEDGER_WAIT_S:
+                while time.monotonic() - waited < BENCH_LEDGER_WAIT_S:
                     s, _ = await client.get(f"{redemption_url}/v1/vouchers/{v['voucher_id']}", provider_token)
                     if s == 200:
                         break
@@ -184,7 +182,7 @@ async def main(args: argparse.Namespace) -> int:
             probe = await ack_to_ledger(client, stack, city, year, issuer, auditor)
 
             # Consistency: budget committed == sum of acknowledged vouchers == ledger's issued; redemptions agree.
-            issued = sum(v["amount"] for v in minted) + PROBES
+            issued = sum(v["amount"] for v in minted) + BENCH_PROBES
             if wrk is not None:
                 issued += wrk["committed_vouchers"] * WRK_MINT_FEN
             redeemed = sum(r["amount"] for r in redeem["_results"])
@@ -195,7 +193,7 @@ async def main(args: argparse.Namespace) -> int:
                     f"{stack.url('ledger')}/v1/reports/cities/{city}/{year}", auditor)
                 if s == 200 and ledger_report["issued"] == issued and ledger_report["redeemed"] == redeemed:
                     break
-                if time.monotonic() - started > LEDGER_WAIT_S:
+                if time.monotonic() - started > BENCH_LEDGER_WAIT_S:
                     break
                 await asyncio.sleep(0.5)
             drain_s = time.monotonic() - started
@@ -206,7 +204,7 @@ async def main(args: argparse.Namespace) -> int:
                 "ledger_redeemed_equals_acknowledged": ledger_report.get("redeemed") == redeemed,
                 "trial_balance_balances": tb["debits"] == tb["credits"],
             }
-            print(json.dumps({"phase": "consistency", "vouchers": len(minted) + PROBES + (wrk or {}).get("committed_vouchers", 0), "issued_fen": issued,
+            print(json.dumps({"phase": "consistency", "vouchers": len(minted) + BENCH_PROBES + (wrk or {}).get("committed_vouchers", 0), "issued_fen": issued,
                               "budget_committed_fen": budget["committed"], "ledger_issued_fen": ledger_report.get("issued"),
                               "ledger_catch_up_s_after_load": round(drain_s, 1), **checks}))
             for phase in (single, batch, redeem):

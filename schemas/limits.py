@@ -36,6 +36,8 @@ BIGINT_MAX: Final = 2**63 - 1              # a PostgreSQL bigint: entry indexes,
 # --- the HTTP edge ---------------------------------------------------------------------------------------------------
 BODY_BYTES_MAX: Final = 1_048_576          # largest request body (a batch of 1000 vouchers is ~300 KiB)
 REQUEST_TIMEOUT_S: Final = 15.0            # a request that takes longer is answered 503
+REQUEST_TIMEOUT_S_MIN: Final = 0.1         # CVL_REQUEST_TIMEOUT_S may shorten it (tests of timed-out mints) ...
+REQUEST_TIMEOUT_S_MAX: Final = REQUEST_TIMEOUT_S  # ... never lengthen it: the timeouts must still nest
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
 IDEMPOTENCY_RETENTION_S: Final = 48 * 3600  # contract: at least 24 h
 IDEMPOTENCY_SWEEP_INTERVAL_S: Final = 600
@@ -44,6 +46,7 @@ TOKEN_LENGTH_MAX: Final = 4096
 TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
 READY_CHECK_TIMEOUT_S: Final = 2.0
 RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
+LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted (bursts of a load test)
 
 # --- minting (the hot budget account) --------------------------------------------------------------------------------
 MINT_BATCH_MAX: Final = 1000               # vouchers one writer commits in one transaction
@@ -54,11 +57,15 @@ WRITER_IDLE_S: Final = 60.0                # an idle per-budget writer stops aft
 PG_POOL_MIN: Final = 2
 PG_POOL_MAX: Final = 20
 PG_COMMAND_TIMEOUT_S: Final = 10.0         # one statement; below REQUEST_TIMEOUT_S so a request never waits past it
+EXCEPTION_CHAIN_DEPTH_MAX: Final = 8       # causes followed when asking "is the database unreachable?"
 
 # --- Kafka, the outbox relay and consumers ---------------------------------------------------------------------------
 KAFKA_PARTITIONS: Final = 12
 KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
 TOPIC_STARTUP_WAIT_S: Final = 90.0         # how long a starting service waits for the broker to create its topics
+TOPIC_SETUP_RETRY_S: Final = 1.0           # pause between topic setup attempts while the broker starts
+TOPIC_METADATA_CHECKS_MAX: Final = 50      # created topics appear in the metadata within this many checks ...
+TOPIC_METADATA_POLL_S: Final = 0.1         # ... this far apart
 PRODUCER_LINGER_MS: Final = 2
 PRODUCER_BATCH_BYTES: Final = 512 * 1024
 OUTBOX_BATCH_MAX: Final = 2000             # outbox rows one relay round publishes
@@ -92,12 +99,27 @@ LOG_STATUS_REFRESH_S: Final = 1.0          # every replica's gauges follow appen
 PAGE_ENTRIES: Final = 20                   # the most recent entries on the auditor's page
 PAGE_REPORTS_MAX: Final = 1000             # (city, year) rows on the auditor's page
 NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
+LOG_NAME_LENGTH_MAX: Final = 255           # the log's origin, which is also its signing key's name
 
 # --- the CLI ---------------------------------------------------------------------------------------------------------
 CLI_HTTP_TIMEOUT_S: Final = 30.0
 DEMO_TOKEN_TTL_S: Final = 30 * 24 * 3600
 AUDIT_TOKEN_TTL_S: Final = 3600
 
+# --- the dev/test stack (services/stack.py: tests and `make bench`) --------------------------------------------------
+STACK_READY_TIMEOUT_S: Final = 90.0        # a started service answers /readyz within this (first start: topics)
+STACK_READY_POLL_S: Final = 0.2
+STACK_EXIT_WAIT_S: Final = 30.0            # a signalled service exits within this (it drains for SHUTDOWN_TIMEOUT_S)
+STACK_TOKEN_TTL_S: Final = 3600            # tokens the stack signs for tests and the bench
+STACK_PG_POOL_MAX: Final = 10              # per service process: many test processes share one dev cluster
+
+# --- the bench (load/bench.py) ---------------------------------------------------------------------------------------
+BENCH_PHASE_DEADLINE_S: Final = 300.0      # one load phase stops issuing requests after this
+BENCH_LEDGER_WAIT_S: Final = 300.0         # the ledger catches up with everything acknowledged within this
+BENCH_PROBE_WAIT_S: Final = 30.0           # one ack-to-ledger probe gives up after this
+BENCH_PROBES: Final = 100                  # sequential ack-to-ledger probes
+
 assert PG_COMMAND_TIMEOUT_S < REQUEST_TIMEOUT_S < SHUTDOWN_TIMEOUT_S, "timeouts must nest"
 assert CONSUMER_DRAIN_S < SHUTDOWN_TIMEOUT_S and RELAY_DRAIN_S < SHUTDOWN_TIMEOUT_S
 assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writer transaction"
+assert SHUTDOWN_TIMEOUT_S < STACK_EXIT_WAIT_S, "the stack waits for a drain to finish before killing"

@@ -88,8 +88,6 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 # --- audit ------------------------------------------------------------------------------------------------------------
 
-
-
 def _auditor_token(explicit: str | None) -> str | None:
     """--token, else $CVL_TOKEN, else a fresh auditor token signed with $CVL_TOKEN_KEY, else the demo auditor's
     token in .run/tokens.json, else one signed with .run/token.key (an operator on the ledger's own machine)."""
@@ -112,7 +110,7 @@ def _auditor_token(explicit: str | None) -> str | None:
 
 
 def _ledger_url() -> str:
-    return f"http://127.0.0.1:{os.environ.get('CVL_LEDGER_PORT', '8083')}"
+    return f"http://127.0.0.1:{os.environ.get('CVL_LEDGER_PORT', settings.DEFAULT_PORTS['ledger'])}"
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -192,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="demo data").add_subparsers(dest="action", required=True)
     seed = demo.add_parser("seed", help="create the demo cities, budgets, providers and tokens")
-    port = os.environ.get("CVL_ISSUING_PORT", "8081")
+    port = os.environ.get("CVL_ISSUING_PORT", settings.DEFAULT_PORTS["issuing"])
     seed.add_argument("--url", default=f"http://127.0.0.1:{port}", help="the issuing service")
     seed.set_defaults(func=cmd_demo_seed)
 

@@ -6,7 +6,8 @@ import datetime as dt
 import aiohttp
 import pytest
 
-from tests.harness import Api, Stack, create_stack, drop_stack, unique
+from services.stack import Stack, create_stack, drop_stack, unique
+from tests.harness import Api, eventually
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,6 @@ class World:
 
     async def redeemable(self, voucher_id: str, provider: str | None = None) -> dict:
         """Wait until the redemption service has consumed the voucher's mint."""
-        from tests.harness import eventually
         provider = provider or self.providers[0]
 
         async def check():

@@ -1,177 +1,25 @@
-"""The test stack: the three services as real processes on real PostgreSQL and Kafka.
+"""Test helpers: the client (`Api`, `Reply`), `eventually`, `read_topic`, `unique`.
 
-Each test session gets its own database, topics and consumer groups, so it never touches the demo data of `make up`.
+The stack itself (a fresh database, topics and the three services as real processes) lives in `services.stack`,
+which `make bench` starts too; its names are re-exported here so tests keep importing them from the harness.
 """
 from __future__ import annotations
 
 import asyncio
 import json as _json
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
-import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.common import auth
+from services.stack import ROOT, Proc, Stack, create_stack, drop_stack, free_port, infra_env, unique
 
-ROOT: Final = Path(__file__).resolve().parents[1]
-LOG_DIR: Final = ROOT / ".run" / "logs" / "tests"
-SERVICES: Final = ("issuing", "redemption", "ledger")
-READY_TIMEOUT_S: Final = 90.0
+__all__ = ["ROOT", "Api", "Proc", "Reply", "Stack", "create_stack", "drop_stack", "eventually", "free_port",
+           "infra_env", "read_topic", "unique"]
+
 EVENTUALLY_TIMEOUT_S: Final = 60.0
-TOKEN_TTL_S: Final = 3600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def infra_env() -> dict[str, str]:
-    """CVL_PG_DSN and CVL_KAFKA_BOOTSTRAP from the environment, else from .run/env (written by deploy/*.sh)."""
-    env = {}
-    env_file = ROOT / ".run" / "env"
-    if env_file.exists():
-        for line in env_file.read_text().splitlines():
-            line = line.removeprefix("export ").strip()
-            if "=" in line:
-                k, v = line.split("=", 1)
-                env[k] = v.strip().strip('"').strip("'")
-    for k in ("CVL_PG_DSN", "CVL_KAFKA_BOOTSTRAP"):
-        if k in os.environ:
-            env[k] = os.environ[k]
-    assert "CVL_PG_DSN" in env and "CVL_KAFKA_BOOTSTRAP" in env, "run `make infra` first (or `make test`)"
-    return env
-
-
-@dataclass
-class Proc:
-    service: str
-    port: int
-    popen: subprocess.Popen
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass
-class Stack:
-    env: dict[str, str]
-    dsn: str
-    token_key: bytes
-    topics: dict[str, str]
-    procs: dict[str, list[Proc]] = field(default_factory=dict)
-
-    def url(self, service: str) -> str:
-        procs = self.procs.get(service)
-        return procs[0].url if procs else f"http://unstarted-{service}"
-
-    def token(self, role: str, *, city: str | None = None, provider: str | None = None, ttl_s: int = TOKEN_TTL_S,
-              sub: str | None = None) -> str:
-        return auth.issue(self.token_key, role=role, city=city, provider=provider, ttl_s=ttl_s,  # type: ignore
-                          sub=sub)
-
-    def start(self, service: str, *, port: int | None = None, extra_env: dict[str, str] | None = None) -> Proc:
-        port = port or free_port()
-        env = {**os.environ, **self.env, f"CVL_{service.upper()}_PORT": str(port), **(extra_env or {})}
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        log = LOG_DIR / f"{service}-{port}.log"
-        with open(log, "ab") as out:
-            popen = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env,
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        proc = Proc(service, port, popen, log)
-        self.procs.setdefault(service, []).append(proc)
-        return proc
-
-    async def wait_ready(self, proc: Proc) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if proc.popen.poll() is not None:
-                    raise RuntimeError(f"{proc.service} exited: {proc.log.read_text()[-3000:]}")
-                try:
-                    async with http.get(f"{proc.url}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"{proc.service} not ready: {proc.log.read_text()[-3000:]}")
-
-    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> int:
-        if proc.popen.poll() is None:
-            proc.popen.send_signal(sig)
-        rc = proc.popen.wait(30)
-        self.procs[proc.service].remove(proc)
-        return rc
-
-    def stop_all(self) -> None:
-        for procs in self.procs.values():
-            for p in procs:
-                if p.popen.poll() is None:
-                    p.popen.send_signal(signal.SIGTERM)
-        for procs in self.procs.values():
-            for p in procs:
-                try:
-                    p.popen.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.popen.kill()
-        self.procs.clear()
-
-
-async def create_stack() -> Stack:
-    infra = infra_env()
-    run = secrets.token_hex(4)
-    admin_dsn = infra["CVL_PG_DSN"]
-    db = f"cvl_test_{run}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{db}"')
-    finally:
-        await conn.close()
-    dsn = admin_dsn.rsplit("/", 1)[0] + "/" + db
-    key = secrets.token_bytes(32)
-    topics = {"issuing": f"t{run}.cvl.issuing.v1", "redemption": f"t{run}.cvl.redemption.v1"}
-    env = {
-        "CVL_PG_DSN": dsn,
-        "CVL_KAFKA_BOOTSTRAP": infra["CVL_KAFKA_BOOTSTRAP"],
-        "CVL_TOPIC_ISSUING": topics["issuing"],
-        "CVL_TOPIC_REDEMPTION": topics["redemption"],
-        "CVL_GROUP_PREFIX": f"t{run}",
-        "CVL_TOKEN_KEY": key.hex(),
-        "CVL_PG_POOL_MAX": "10",
-    }
-    stack = Stack(env=env, dsn=dsn, token_key=key, topics=topics)
-    # Issuing first: it creates the topics; then the consumers.
-    await stack.wait_ready(stack.start("issuing"))
-    wanted = os.environ.get("CVL_TEST_SERVICES", "redemption,ledger").split(",")
-    procs = [stack.start(s) for s in ("redemption", "ledger") if s in wanted]
-    for p in procs:
-        await stack.wait_ready(p)
-    return stack
-
-
-async def drop_stack(stack: Stack) -> None:
-    stack.stop_all()
-    admin_dsn = infra_env()["CVL_PG_DSN"]
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{stack.dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 # --- client helpers --------------------------------------------------------------------------------------------------
@@ -243,7 +91,3 @@ async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, byt
         return out
     finally:
         await consumer.stop()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -1,50 +1,49 @@
-"""Crashes lose nothing acknowledged: SIGKILL right after the answer, and the event still reaches Kafka and the ledger."""
+"""Crashes lose nothing acknowledged: SIGKILL right after the answer, and the event still reaches Kafka and the ledger.
+
+While the victim answers, the test holds its service's relay lock (the one a relay takes to publish), so the victim
+acknowledges every command but publishes nothing: at the kill, the acknowledged events exist only in the outbox. The
+restarted process must publish them.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 
 import asyncpg
 
+from services.common.outbox import LEADER_LOCK_SQL
 from tests.harness import eventually, read_topic
 
+OUTBOX_ROWS_SQL = "SELECT count(*) FROM outbox"
 
-async def outbox_rows(dsn: str, schema: str) -> int:
-    conn = await asyncpg.connect(dsn)
+
+@contextlib.asynccontextmanager
+async def relay_held(dsn: str, schema: str):
+    """Hold `schema`'s relay lock, so that no process of that service publishes its outbox meanwhile."""
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     try:
-        return await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox")
+        assert await conn.fetchval(LEADER_LOCK_SQL), "another relay of this service is still running"
+        yield conn
     finally:
-        await conn.close()
-
-
-async def journaled(api, w, event_type: str, ids: set[str], field: str) -> set[str]:
-    found: set[str] = set()
-    start = 0
-    while True:
-        r = await api.call("GET", f"{w.ledger}/v1/entries?start={start}&limit=1000", token=w.auditor)
-        page = r.body["entries"]
-        for e in page:
-            if e["type"] == event_type:
-                found.add(e["event_id"])
-        if len(page) < 1000:
-            return found
-        start += len(page)
+        await conn.close()  # releases the session lock
 
 
 async def test_sigkill_after_acknowledged_mints_loses_nothing(stack, world_factory, api):
     w = await world_factory(10**9)
     main = stack.procs["issuing"][0]
     stack.kill(main, signal.SIGTERM)  # the victim alone runs the relay: its death must not lose its outbox
-    victim = stack.start("issuing")
-    await stack.wait_ready(victim)
-    replies = await asyncio.gather(*(
-        api.call("POST", f"{victim.url}/v1/vouchers", token=w.issuer, json=w.mint_body(3)) for _ in range(300)))
-    stack.kill(victim, signal.SIGKILL)  # right after the last acknowledgement
-    pending_at_kill = await outbox_rows(stack.dsn, "issuing")
+    async with relay_held(stack.dsn, "issuing") as conn:
+        victim = stack.start("issuing")
+        await stack.wait_ready(victim)
+        replies = await asyncio.gather(*(
+            api.call("POST", f"{victim.url}/v1/vouchers", token=w.issuer, json=w.mint_body(3)) for _ in range(300)))
+        stack.kill(victim, signal.SIGKILL)  # right after the last acknowledgement
+        pending_at_kill = await conn.fetchval(OUTBOX_ROWS_SQL)
     acked = {r.body["voucher_id"] for r in replies if r.status == 201}
     assert len(acked) == 300
-    print(f"outbox rows pending when the issuing process was killed: {pending_at_kill}")
+    assert pending_at_kill >= len(acked), "each acknowledged mint's event waits in the outbox at the kill"
 
     # A restarted process publishes what the dead one acknowledged.
     restarted = stack.start("issuing", port=main.port)
@@ -72,17 +71,19 @@ async def test_sigkill_after_acknowledged_redemptions_loses_nothing(stack, world
         await w.redeemable(v["voucher_id"])
     main = stack.procs["redemption"][0]
     stack.kill(main, signal.SIGTERM)
-    victim = stack.start("redemption")
-    await stack.wait_ready(victim)
     token = w.provider_tokens[w.providers[0]]
-    replies = await asyncio.gather(*(
-        api.call("POST", f"{victim.url}/v1/redemptions", token=token,
-                 json={"voucher_id": v["voucher_id"], "amount": 9}) for v in vouchers for _ in range(5)))
-    stack.kill(victim, signal.SIGKILL)
+    async with relay_held(stack.dsn, "redemption") as conn:
+        victim = stack.start("redemption")
+        await stack.wait_ready(victim)
+        replies = await asyncio.gather(*(
+            api.call("POST", f"{victim.url}/v1/redemptions", token=token,
+                     json={"voucher_id": v["voucher_id"], "amount": 9}) for v in vouchers for _ in range(5)))
+        stack.kill(victim, signal.SIGKILL)
+        pending_at_kill = await conn.fetchval(OUTBOX_ROWS_SQL)
     assert all(r.status == 201 for r in replies), [r.body for r in replies if r.status != 201][:3]
     acked = {r.body["redemption_id"] for r in replies}
-    print(f"outbox rows pending when the redemption process was killed: "
-          f"{await outbox_rows(stack.dsn, 'redemption')}")
+    assert len(acked) == 100
+    assert pending_at_kill >= len(acked), "each acknowledged redemption's event waits in the outbox at the kill"
     await stack.wait_ready(stack.start("redemption", port=main.port))
 
     async def all_on_kafka():

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 
 import asyncpg
 
-from tests.harness import eventually
+from tests.harness import eventually, read_topic
 
 
 def metric(text: str, name: str, **labels) -> float | None:
@@ -49,18 +50,26 @@ async def test_sigterm_drains_the_writers_and_the_relay(stack, world_factory, ap
     await stack.wait_ready(draining)
     calls = [asyncio.create_task(api.call("POST", f"{draining.url}/v1/vouchers", token=w.issuer,
                                           json=w.mint_body(1))) for _ in range(200)]
-    await asyncio.sleep(0.05)
-    rc = stack.kill(draining, signal.SIGTERM)
+    # SIGTERM once the first mint is answered, with the others still in flight.
+    await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+    in_flight_at_sigterm = sum(not c.done() for c in calls)
+    rc = await asyncio.to_thread(stack.kill, draining, signal.SIGTERM)
     replies = await asyncio.gather(*calls, return_exceptions=True)
     assert rc == 0, "a clean shutdown exits 0"
-    acked = [r for r in replies if not isinstance(r, BaseException) and r.status == 201]
+    assert in_flight_at_sigterm > 0, "the shutdown had nothing to drain: the test proved nothing"
+    acked = {r.body["voucher_id"] for r in replies if not isinstance(r, BaseException) and r.status == 201}
+    assert acked, "nothing was acknowledged: the test proved nothing"
     conn = await asyncpg.connect(stack.dsn)
     try:
-        # Everything committed before the exit was published: the outbox is empty.
+        # Everything committed before the exit was published: the outbox is empty ...
         assert await conn.fetchval("SELECT count(*) FROM issuing.outbox") == 0
         committed = await conn.fetchval("SELECT count(*) FROM issuing.vouchers WHERE city = $1", w.city)
     finally:
         await conn.close()
     assert committed >= len(acked)
+    # ... and every acknowledged mint is on Kafka.
+    on_kafka = {json.loads(v)["data"].get("voucher_id")
+                for _, v in await read_topic(stack.env["CVL_KAFKA_BOOTSTRAP"], stack.topics["issuing"])}
+    assert acked <= on_kafka, f"{len(acked - on_kafka)} acknowledged mints never reached Kafka"
     await stack.wait_ready(stack.start("issuing", port=main.port))
     assert (await w.budget())["committed"] == committed

@@ -192,7 +192,7 @@ async def test_concurrent_holds_never_reserve_more_than_the_balance(world_factor
 
 
 async def test_a_voucher_takes_at_most_the_limit_of_open_holds(world_factory):
-    from services.common.settings import OPEN_HOLDS_PER_VOUCHER_MAX
+    from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX
     from tests.rules_helpers import gather_limited
     w = await world_factory(10**9)
     vid = (await mint_ready(w, 10_000))["voucher_id"]

@@ -52,7 +52,6 @@ class Consumer:
         self.group = f"{settings.group_prefix}.{group}"
         self.handler = handler
         self._stopping = False
-        self.applied_batches = 0
 
     async def stop(self) -> None:
         self._stopping = True
@@ -132,4 +131,3 @@ class Consumer:
                 await self.handler(conn, todo)
         for tag, count in collections.Counter(type(d.event).__name__ for d in todo).items():
             metrics.events_applied.labels(self.settings.service, tag).inc(count)
-        self.applied_batches += 1

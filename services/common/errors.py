@@ -1,11 +1,14 @@
 """Domain errors: each maps to one stable problem `code` (CONTRACT.md, errors)."""
 from __future__ import annotations
 
+from schemas.limits import RETRY_AFTER_S
+
 
 class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
     title: str = "Internal error"
+    retry_after_s: int | None = None  # sent as Retry-After: when a retry of the same request may succeed
 
     def __init__(self, detail: str = "", *, field: str | None = None):
         super().__init__(detail or self.title)
@@ -39,10 +42,12 @@ class PayloadTooLarge(ServiceError):
 
 class RateLimited(ServiceError):
     status, code, title = 429, "rate_limited", "Too many requests in flight; retry later"
+    retry_after_s = RETRY_AFTER_S
 
 
 class Unavailable(ServiceError):
     status, code, title = 503, "unavailable", "The service cannot answer now; retry later"
+    retry_after_s = RETRY_AFTER_S
 
 
 class BudgetExceeded(ServiceError):
@@ -83,10 +88,6 @@ class InvoiceAlreadySubsidised(ServiceError):
 
 class HoldNotActive(ServiceError):
     status, code, title = 409, "hold_not_active", "The hold is not active"
-
-
-class Conflict(ServiceError):
-    status, code, title = 409, "conflict", "The request conflicts with the current state"
 
 
 class TooManyHolds(ServiceError):

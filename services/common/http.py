@@ -22,10 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.common import Problem
 from schemas.limits import (
-    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, READY_CHECK_TIMEOUT_S, REQUEST_TIMEOUT_S, SHUTDOWN_TIMEOUT_S,
+    BODY_BYTES_MAX, IDEMPOTENCY_KEY_LENGTH_MAX, LISTEN_BACKLOG_MAX, READY_CHECK_TIMEOUT_S, SHUTDOWN_TIMEOUT_S,
 )
 
-from . import auth, idempotency, metrics
+from . import auth, db, idempotency, metrics
 from .errors import NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed
 from .settings import Settings
 
@@ -67,7 +67,9 @@ def problem(err: ServiceError) -> Problem:
 
 
 def problem_response(err: ServiceError) -> web.Response:
-    return web.Response(body=_encoder.encode(problem(err)), status=err.status, content_type=PROBLEM_JSON)
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return web.Response(body=_encoder.encode(problem(err)), status=err.status, content_type=PROBLEM_JSON,
+                        headers=headers)
 
 
 # --- input -----------------------------------------------------------------------------------------------------------
@@ -160,17 +162,21 @@ async def errors_middleware(request: web.Request, handler):
         err = ServiceError(exc.text or exc.reason)
         err.status, err.code, err.title = exc.status, "http_error", exc.reason
         return problem_response(err)
-    except TimeoutError:
-        log.error("request timed out", extra={"method": request.method, "path": request.rel_url.path})
-        return problem_response(Unavailable(f"the request took longer than {REQUEST_TIMEOUT_S} s"))
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
-        log.error("dependency unavailable: %s", exc)
-        return problem_response(Unavailable("the database is not reachable; retry with the same Idempotency-Key"))
     except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
         # Transient: the transaction was rolled back whole, so a retry is safe.
         log.warning("transaction aborted, nothing written: %s", exc)
         return problem_response(Unavailable("the transaction collided with another and was rolled back; retry"))
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, TimeoutError):  # the request's time limit, or a connect or acquire wait inside it
+            log.error("request timed out", extra={"method": request.method, "path": request.rel_url.path})
+            return problem_response(Unavailable("the request did not finish in time; retry with the same "
+                                                "Idempotency-Key"))
+        # The database restarting or unreachable (a connection closed mid-transaction included) is 503 with
+        # Retry-After, never a 500: the server rolled back what was in flight, so a retry is safe.
+        if db.is_unavailable(exc):
+            log.error("database unavailable: %r", exc, extra={"method": request.method, "path": request.rel_url.path})
+            return problem_response(Unavailable("the database is not reachable now; retry with the same "
+                                                "Idempotency-Key"))
         log.exception("unhandled error", extra={"method": request.method, "path": request.rel_url.path})
         return problem_response(ServiceError("an internal error occurred; it has been logged"))
 
@@ -188,7 +194,7 @@ async def metrics_middleware(request: web.Request, handler):
 
 @web.middleware
 async def timeout_middleware(request: web.Request, handler):
-    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+    async with asyncio.timeout(request.app[SETTINGS].request_timeout_s):
         return await handler(request)
 
 
@@ -295,7 +301,7 @@ def serve(settings: Settings, app_factory: Callable[[Settings], web.Application]
         app = app_factory(settings)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG_MAX, reuse_address=True)
         await site.start()
         log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
         stop = asyncio.Event()

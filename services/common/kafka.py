@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
@@ -12,10 +11,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from .settings import Settings
-from schemas.limits import KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S, TOPIC_STARTUP_WAIT_S
+from schemas.limits import (
+    KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S,
+    TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S, TOPIC_SETUP_RETRY_S, TOPIC_STARTUP_WAIT_S,
+)
 
 log = logging.getLogger("cvl.kafka")
-
 
 
 async def ensure_topics(settings: Settings) -> None:
@@ -35,16 +36,16 @@ async def ensure_topics(settings: Settings) -> None:
                 except TopicAlreadyExistsError:
                     pass
                 log.info("topics created", extra={"topics": missing})
-            for _ in range(50):  # metadata propagates asynchronously after creation
+            for _ in range(TOPIC_METADATA_CHECKS_MAX):  # metadata propagates asynchronously after creation
                 if set(topics) <= set(await admin.list_topics()):
                     return
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(TOPIC_METADATA_POLL_S)
             raise RuntimeError(f"topics {missing} still missing after creation")
         except Exception as exc:  # broker not up yet: retry until the deadline
             if time.monotonic() > deadline:
                 raise
             log.warning("kafka not ready for topic setup: %s", exc)
-            await asyncio.sleep(1)
+            await asyncio.sleep(TOPIC_SETUP_RETRY_S)
         finally:
             await admin.close()
 

@@ -72,8 +72,6 @@ class Relay:
         self.schema = schema
         self._wake = asyncio.Event()
         self._stopping = False
-        self._idle = asyncio.Event()
-        self.is_leader = False
 
     def wake(self) -> None:
         """Called after a commit that wrote outbox rows: publish now rather than at the next poll."""
@@ -100,12 +98,10 @@ class Relay:
         producer = None
         try:
             while not await conn.fetchval(LEADER_LOCK_SQL):
-                self.is_leader = False
                 metrics.outbox_leader.labels(self.settings.service).set(0)
                 if self._stopping:
                     return
                 await self._sleep(OUTBOX_LEADER_RETRY_S)
-            self.is_leader = True
             metrics.outbox_leader.labels(self.settings.service).set(1)
             log.info("outbox relay is the leader", extra={"schema": self.schema})
             producer = kafka.producer(self.settings)
@@ -124,7 +120,6 @@ class Relay:
                     return
                 await self._sleep(OUTBOX_IDLE_POLL_S)
         finally:
-            self.is_leader = False
             metrics.outbox_leader.labels(self.settings.service).set(0)
             if producer is not None:
                 await producer.stop()

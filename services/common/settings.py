@@ -7,9 +7,12 @@ from typing import Final
 
 import msgspec
 
-from schemas.limits import PG_POOL_MAX
+from schemas.limits import PG_POOL_MAX, REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_S_MAX, REQUEST_TIMEOUT_S_MIN
+
+from . import keyfile
 
 ROOT: Final = Path(__file__).resolve().parents[2]
+TOKEN_KEY_BYTES: Final = 32  # HMAC-SHA256 key: as long as the hash
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -24,6 +27,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     run_dir: Path
     token_key: bytes
     pg_pool_max: int = PG_POOL_MAX
+    request_timeout_s: float = REQUEST_TIMEOUT_S
 
 
 DEFAULT_PORTS: Final = {"issuing": 8081, "redemption": 8082, "ledger": 8083}
@@ -39,17 +43,18 @@ def token_key(run: Path) -> bytes:
     """The HMAC key that signs bearer tokens: `CVL_TOKEN_KEY` (hex), else `.run/token.key`, created once."""
     if env := os.environ.get("CVL_TOKEN_KEY"):
         return bytes.fromhex(env)
-    path = run / "token.key"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(os.urandom(32).hex())
-        tmp.chmod(0o600)
-        try:
-            os.link(tmp, path)  # atomic: the first process to create it wins
-        except FileExistsError:
-            pass
-        tmp.unlink(missing_ok=True)
-    return bytes.fromhex(path.read_text().strip())
+    text = keyfile.read_or_create(run / "token.key", lambda: os.urandom(TOKEN_KEY_BYTES).hex().encode())
+    return bytes.fromhex(text.decode().strip())
+
+
+def request_timeout_s(raw: str | None) -> float:
+    """`CVL_REQUEST_TIMEOUT_S`, within its bounds: a setting outside them is refused at start, not clamped."""
+    if raw is None:
+        return REQUEST_TIMEOUT_S
+    value = float(raw)
+    if not REQUEST_TIMEOUT_S_MIN <= value <= REQUEST_TIMEOUT_S_MAX:
+        raise ValueError(f"CVL_REQUEST_TIMEOUT_S must be {REQUEST_TIMEOUT_S_MIN}-{REQUEST_TIMEOUT_S_MAX} s, not {raw}")
+    return value
 
 
 def load(service: str) -> Settings:
@@ -67,4 +72,5 @@ def load(service: str) -> Settings:
         run_dir=run,
         token_key=token_key(run),
         pg_pool_max=int(env.get("CVL_PG_POOL_MAX", PG_POOL_MAX)),
+        request_timeout_s=request_timeout_s(env.get("CVL_REQUEST_TIMEOUT_S")),
     )

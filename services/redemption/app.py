@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -13,49 +12,39 @@ import msgspec
 from aiohttp import web
 
 from schemas.common import ProviderId, Timestamp, Uuid
+from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 from schemas.redemption import (
     CaptureIn, Hold, HoldIn, Redemption, RedemptionDetail, RedemptionIn, Refund, RefundIn, Statement, VoidIn,
     VoucherView,
 )
 
-from services.common import db, http, idempotency, kafka, metrics, outbox, tasks
-from services.common.auth import require
+from services.common import db, http, idempotency, kafka, outbox, tasks
+from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
-from services.common.errors import NotFound, ServiceError, ValidationFailed
+from services.common.errors import ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
-from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
-from . import domain, rule_metrics, store, sweeper
+from . import commands, sweeper
 
 log = logging.getLogger("cvl.redemption")
 
 SCHEMA: Final = "redemption"
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 CONSUMER_GROUP: Final = "redemption"
-POOL: Final = web.AppKey("pool", asyncpg.Pool)
-RELAY: Final = web.AppKey("relay", outbox.Relay)
-CITY_UNKNOWN: Final = "unknown"  # metrics label when a refusal came before the voucher was found
+COMMANDS: Final = web.AppKey("commands", commands.Service)
 
 
-def _provider(request: web.Request) -> tuple[Any, str]:
+def _provider(request: web.Request) -> tuple[Principal, str]:
     who = principal(request)
     require(who, "provider")
     assert who.provider is not None, "a provider token always names its provider"
     return who, who.provider
 
 
-async def _command(request: web.Request, key: idempotency.Key | None,
-                   command: Callable[[asyncpg.Connection], Awaitable[tuple[int, Any]]],
-                   refused: Callable[[ServiceError], None]) -> web.Response:
-    """Run a provider command (one transaction, Idempotency-Key honoured); count a refusal; wake the relay."""
-    try:
-        response = await http.run_command(request.app[POOL], key, command)
-    except ServiceError as refusal:
-        refused(refusal)
-        raise
-    request.app[RELAY].wake()
-    return response
+def _as_provider(who: Principal) -> str | None:
+    """The provider a read is scoped to: a provider sees its own; admins and auditors are not scoped by provider."""
+    return who.provider if who.role == "provider" else None
 
 
 def _optional_body(raw: bytes, type_: type) -> Any:
@@ -70,34 +59,16 @@ async def redeem(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
     body = http.decode(raw, RedemptionIn)
     key = http.idempotency_key(request, who, raw)
-    settings = request.app[http.SETTINGS]
-    attempt = store.RedeemAttempt()
-
-    async def command(conn: asyncpg.Connection):
-        redemption = await store.redeem(conn, body, provider=provider, actor=who.subject,
-                                        topic=settings.topic_redemption, now=outbox.now(), attempt=attempt)
-        return 201, redemption
-
-    def refused(refusal: ServiceError) -> None:
-        if attempt.city is not None or isinstance(refusal, NotFound):
-            metrics.redemptions.labels(attempt.city or CITY_UNKNOWN, refusal.code).inc()
-
-    response = await _command(request, key, command, refused)
-    if attempt.redemption is not None:  # None: a replay of an earlier response, nothing changed now
-        assert attempt.city is not None
-        metrics.redemptions.labels(attempt.city, "ok").inc()
-        metrics.amount_redeemed.labels(attempt.city).inc(attempt.redemption.amount)
-    return response
+    return http.answer(await commands.redeem(request.app[COMMANDS], key, body, provider=provider,
+                                             actor=who.subject, now=outbox.now()))
 
 
 async def get_redemption(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "provider", "admin", "auditor")
     redemption_id = param(request, "redemption_id", Uuid)
-    row = await request.app[POOL].fetchrow(store.GET_REDEMPTION_SQL, redemption_id)
-    if row is None or (who.role == "provider" and row["provider"] != who.provider):
-        raise NotFound(f"no redemption {redemption_id}")
-    return json_response(store.redemption_detail(row))
+    return json_response(await commands.redemption(request.app[COMMANDS].pool, redemption_id,
+                                                    provider=_as_provider(who)))
 
 
 async def refund(request: web.Request) -> web.Response:
@@ -106,59 +77,19 @@ async def refund(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
     body = http.decode(raw, RefundIn)
     key = http.idempotency_key(request, who, raw)
-    settings = request.app[http.SETTINGS]
-    attempt = store.RefundAttempt()
-
-    async def command(conn: asyncpg.Connection):
-        return 201, await store.refund(conn, redemption_id, body, provider=provider, actor=who.subject,
-                                       topic=settings.topic_redemption, now=outbox.now(), attempt=attempt)
-
-    def refused(refusal: ServiceError) -> None:
-        rule_metrics.refunds.labels(attempt.city or CITY_UNKNOWN, refusal.code).inc()
-
-    response = await _command(request, key, command, refused)
-    if attempt.refund is not None:
-        assert attempt.city is not None
-        rule_metrics.refunds.labels(attempt.city, attempt.refund.returned_to).inc()
-        rule_metrics.amount_refunded.labels(attempt.city).inc(attempt.refund.amount)
-    return response
+    return http.answer(await commands.refund(request.app[COMMANDS], key, redemption_id, body, provider=provider,
+                                             actor=who.subject, now=outbox.now()))
 
 
 # --- holds -----------------------------------------------------------------------------------------------------------
-
-def _count_hold(attempt: store.HoldAttempt) -> None:
-    if attempt.outcome is None:  # a replay: nothing changed now
-        return
-    city = attempt.city or CITY_UNKNOWN
-    rule_metrics.holds.labels(city, attempt.outcome).inc()
-    if attempt.amount:
-        rule_metrics.hold_amount.labels(city, "placed" if attempt.outcome == "placed" else "captured").inc(
-            attempt.amount)
-    if attempt.released:
-        rule_metrics.hold_amount.labels(city, "released").inc(attempt.released)
-
-
-def _hold_refused(attempt: store.HoldAttempt) -> Callable[[ServiceError], None]:
-    def refused(refusal: ServiceError) -> None:
-        rule_metrics.holds.labels(attempt.city or CITY_UNKNOWN, refusal.code).inc()
-    return refused
-
 
 async def place_hold(request: web.Request) -> web.Response:
     who, provider = _provider(request)
     raw = await http.read_body(request)
     body = http.decode(raw, HoldIn)
     key = http.idempotency_key(request, who, raw)
-    settings = request.app[http.SETTINGS]
-    attempt = store.HoldAttempt()
-
-    async def command(conn: asyncpg.Connection):
-        return 201, await store.place_hold(conn, body, provider=provider, actor=who.subject,
-                                           topic=settings.topic_redemption, now=outbox.now(), attempt=attempt)
-
-    response = await _command(request, key, command, _hold_refused(attempt))
-    _count_hold(attempt)
-    return response
+    return http.answer(await commands.place_hold(request.app[COMMANDS], key, body, provider=provider,
+                                                 actor=who.subject, now=outbox.now()))
 
 
 async def capture_hold(request: web.Request) -> web.Response:
@@ -167,49 +98,26 @@ async def capture_hold(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
     body = _optional_body(raw, CaptureIn)
     key = http.idempotency_key(request, who, raw)
-    settings = request.app[http.SETTINGS]
-    attempt = store.HoldAttempt()
-
-    async def command(conn: asyncpg.Connection):
-        return 200, await store.capture_hold(conn, hold_id, body, provider=provider, actor=who.subject,
-                                             topic=settings.topic_redemption, now=outbox.now(), attempt=attempt)
-
-    response = await _command(request, key, command, _hold_refused(attempt))
-    _count_hold(attempt)
-    if attempt.outcome is not None:
-        metrics.redemptions.labels(attempt.city, "ok").inc()
-        metrics.amount_redeemed.labels(attempt.city).inc(attempt.amount)
-    return response
+    return http.answer(await commands.capture_hold(request.app[COMMANDS], key, hold_id, body, provider=provider,
+                                                   actor=who.subject, now=outbox.now()))
 
 
 async def void_hold(request: web.Request) -> web.Response:
     who, provider = _provider(request)
     hold_id = param(request, "hold_id", Uuid)
     raw = await http.read_body(request)
-    _optional_body(raw, VoidIn)
+    _optional_body(raw, VoidIn)  # validated only: a void carries nothing yet
     key = http.idempotency_key(request, who, raw)
-    settings = request.app[http.SETTINGS]
-    attempt = store.HoldAttempt()
-
-    async def command(conn: asyncpg.Connection):
-        return 200, await store.void_hold(conn, hold_id, provider=provider, actor=who.subject,
-                                          topic=settings.topic_redemption, now=outbox.now(), attempt=attempt)
-
-    response = await _command(request, key, command, _hold_refused(attempt))
-    _count_hold(attempt)
-    return response
+    return http.answer(await commands.void_hold(request.app[COMMANDS], key, hold_id, provider=provider,
+                                                actor=who.subject, now=outbox.now()))
 
 
 async def get_hold(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "provider", "admin")
     hold_id = param(request, "hold_id", Uuid)
-    row = await request.app[POOL].fetchrow(store.GET_HOLD_SQL, hold_id)
-    if row is None:
-        raise NotFound(f"no hold {hold_id}")
-    if who.role == "provider":
-        domain.check_hold_owner(store.hold_state(row), who.provider)
-    return json_response(store.hold_view(row, outbox.now()))
+    return json_response(await commands.hold(request.app[COMMANDS].pool, hold_id, provider=_as_provider(who),
+                                             now=outbox.now()))
 
 
 # --- vouchers and statements -----------------------------------------------------------------------------------------
@@ -218,14 +126,8 @@ async def get_voucher(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "provider", "admin")
     voucher_id = param(request, "voucher_id", Uuid)
-    row = await request.app[POOL].fetchrow(store.GET_VOUCHER_SQL, voucher_id, who.provider)
-    if row is None:
-        raise NotFound(f"no voucher {voucher_id}")
-    voucher = store.voucher_state(row)
-    if who.role == "provider":
-        assert who.provider is not None
-        domain.check_provider_eligible(voucher, who.provider, row["provider_cities"])
-    return json_response(store.voucher_view(voucher, outbox.now()))
+    return json_response(await commands.voucher(request.app[COMMANDS].pool, voucher_id, provider=_as_provider(who),
+                                                now=outbox.now()))
 
 
 def _time_param(request: web.Request, name: str) -> dt.datetime | None:
@@ -247,9 +149,8 @@ async def get_statement(request: web.Request) -> web.Response:
     start, end = _time_param(request, "from"), _time_param(request, "to")
     if start is not None and end is not None and end < start:
         raise ValidationFailed("to must not be before from", field="to")
-    city = who.city if who.role == "auditor" else None
-    async with request.app[POOL].acquire() as conn:
-        return json_response(await store.statement(conn, provider, start, end, city))
+    city = who.city if who.role == "auditor" else None  # a city-scoped auditor sees that city's lines only
+    return json_response(await commands.statement(request.app[COMMANDS].pool, provider, start, end, city))
 
 
 ROUTES: Final = [
@@ -282,7 +183,7 @@ ROUTES: Final = [
 def create_app(settings: Settings) -> web.Application:
     probe = kafka.Probe(settings)
 
-    app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
+    app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[COMMANDS].pool, probe))
 
     async def resources(app: web.Application):
         await kafka.ensure_topics(settings)
@@ -290,25 +191,19 @@ def create_app(settings: Settings) -> web.Application:
         await db.migrate(pool, SCHEMA, MIGRATIONS)
         relay = outbox.Relay(settings, SCHEMA)
 
+        svc = commands.Service(pool, settings.topic_redemption, relay.wake)
+
         async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
-            outcome = await store.apply_issuing_events(conn, delivered, topic=settings.topic_redemption,
-                                                       now=outbox.now())
-            for city, returned in outcome.frozen:
-                rule_metrics.vouchers_frozen.labels(city).inc()
-                rule_metrics.amount_frozen.labels(city).inc(returned)
-            for voucher_id in outcome.unknown_revocations:
-                rule_metrics.unknown_revocations.inc()
-                log.error("revocation of a voucher never minted here; skipped", extra={"voucher_id": voucher_id})
-            if outcome.frozen:
-                relay.wake()  # before the commit: the relay's next poll (OUTBOX_IDLE_POLL_S) publishes at the latest
+            await commands.apply_issuing_events(conn, delivered, topic=svc.topic, now=outbox.now(),
+                                                wake_relay=relay.wake)
 
         consumer = Consumer(settings, pool, topics=[settings.topic_issuing], group=CONSUMER_GROUP,
                             handler=apply_issuing_events)
-        app[POOL], app[RELAY] = pool, relay
+        app[COMMANDS] = svc
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="issuing-consumer")
         background = [asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper"),
-                      *sweeper.start(pool, settings, relay.wake)]
+                      *sweeper.start(svc)]
         yield
         # Drain in dependency order (requests have finished): the sweepers stop (a round in flight rolls back), the
         # consumer commits its batch, the relay publishes what is committed, then the pool closes.

@@ -4,21 +4,21 @@ where value goes when a voucher is frozen (revocation) or expires.
 Invariant protected: a voucher's value is conserved and never overdrawn:
     balance + held + redeemed + returned + expired == amount + refunded,  balance >= 0,  captured + held <= amount
 where captured = redeemed - refunded, returned = what revocation sent back to the budget, expired = what left at
-expiry (lapsed or carried). A revoked or expired voucher keeps nothing: balance == held == 0. The checks below run
-in the order that gives a provider the clearest answer (CONTRACT.md): revoked → expired → eligibility → invoice
-rules → balance.
+expiry (lapsed or carried). A revoked or expired voucher keeps nothing: balance == held == 0. A redemption and a
+hold pass the same checks (`check_spend`), in the order that gives a provider the clearest answer (CONTRACT.md):
+revoked → expired → eligibility → invoice rules → balance (→ open holds, for a hold).
 """
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
 
-from schemas.limits import SUBSIDY_RATIO_BP_MAX
 from schemas.events import Invoice
+from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX, SUBSIDY_RATIO_BP_MAX
 
 from services.common.errors import (
-    Forbidden, HoldNotActive, InsufficientBalance, ProviderNotEligible, SubsidyRatioExceeded, TooManyHolds,
-    VoucherExpired, VoucherRevoked,
+    Forbidden, HoldNotActive, InsufficientBalance, InvoiceAlreadySubsidised, ProviderNotEligible,
+    SubsidyRatioExceeded, TooManyHolds, VoucherExpired, VoucherRevoked,
 )
 
 
@@ -106,14 +106,28 @@ def check_sufficient_balance(v: VoucherState, amount: int) -> None:
                                   field="amount")
 
 
-def check_redeemable(v: VoucherState, provider: str, whitelisted_cities: list[str] | None, amount: int,
-                     invoice: Invoice | None, now: dt.datetime) -> None:
-    """Every rule that needs only the voucher, in answer order. The invoice's single use (it needs the database)
-    and the balance come after, in store.redeem."""
+def check_invoice_unsubsidised(provider: str, invoice: Invoice | None, claimed: bool) -> None:
+    """One (provider, invoice number) is subsidised once, across vouchers and holds. `claimed`: this spend holds
+    the invoice's claim (the database's unique row decides between concurrent spends)."""
+    if invoice is not None and not claimed:
+        raise InvoiceAlreadySubsidised(f"invoice {invoice.number} of {provider} has already been subsidised",
+                                       field="invoice.number")
+
+
+def check_spend(v: VoucherState, *, provider: str, whitelisted_cities: list[str] | None, amount: int,
+                invoice: Invoice | None, invoice_claimed: bool, now: dt.datetime,
+                open_holds: int | None = None) -> None:
+    """The one check sequence of a redemption and of a hold (a hold spends now what a capture settles later), in
+    answer order. A new spending rule goes here, so that it applies to both. `open_holds` is given for a hold only.
+    """
     check_not_revoked(v)
     check_not_expired(v, now)
     check_provider_eligible(v, provider, whitelisted_cities)
     check_within_subsidy_ratio(v, amount, invoice)
+    check_invoice_unsubsidised(provider, invoice, invoice_claimed)
+    check_sufficient_balance(v, amount)
+    if open_holds is not None:
+        check_open_holds(v, open_holds)
 
 
 # --- holds -----------------------------------------------------------------------------------------------------------
@@ -153,8 +167,8 @@ def check_within_hold(h: HoldState, amount: int) -> None:
         raise InsufficientBalance(f"{amount} exceeds the {h.amount} held by hold {h.hold_id}", field="amount")
 
 
-def check_open_holds(v: VoucherState, open_holds: int, limit: int) -> None:
-    if open_holds >= limit:
+def check_open_holds(v: VoucherState, open_holds: int) -> None:
+    if open_holds >= OPEN_HOLDS_PER_VOUCHER_MAX:
         raise TooManyHolds(f"voucher {v.voucher_id} already has {open_holds} open holds, the most allowed")
 
 
@@ -183,6 +197,25 @@ def refund_destination(v: VoucherState) -> str:
         return "budget"
     assert v.status == "expired" and v.disposition in ("lapse", "carry"), v
     return "lapsed" if v.disposition == "lapse" else "carried"
+
+
+@dataclass(frozen=True)
+class RefundRoute:
+    """How a refund's amount splits between the voucher's balance, the budget and expiry (one of them takes all)."""
+
+    returned_to: str   # voucher | budget | lapsed | carried
+    to_balance: int
+    to_budget: int
+    to_expiry: int
+
+
+def refund_route(v: VoucherState, amount: int) -> RefundRoute:
+    destination = refund_destination(v)
+    route = RefundRoute(destination, amount if destination == "voucher" else 0,
+                        amount if destination == "budget" else 0,
+                        amount if destination in ("lapsed", "carried") else 0)
+    assert route.to_balance + route.to_budget + route.to_expiry == amount
+    return route
 
 
 # --- expiry ----------------------------------------------------------------------------------------------------------

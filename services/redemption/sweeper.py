@@ -7,30 +7,29 @@ every condition is re-checked on the locked rows. A round that found a full batc
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import asyncpg
-
-from services.common import outbox
-from services.common.settings import Settings
 from schemas.limits import EXPIRY_SWEEP_INTERVAL_S, HOLD_SWEEP_INTERVAL_S, SWEEP_BATCH_MAX, SWEEP_RETRY_S
 
-from . import rule_metrics, store
+from services.common import outbox
+
+from . import commands, rule_metrics
 
 log = logging.getLogger("cvl.redemption.sweeper")
 
-Step = Callable[..., Awaitable[store.Swept]]
+Step = Callable[[commands.Service, dt.datetime], Awaitable[commands.Swept]]
 
 
-async def _sweep(name: str, interval_s: float, step: Step, pool: asyncpg.Pool, settings: Settings,
-                 on_commit: Callable[[], None]) -> None:
+async def _sweep(name: str, interval_s: float, step: Step, svc: commands.Service) -> None:
+    """Run one sweeper's step (one transaction, in commands.py) round after round; a failed round is counted,
+    logged and retried after SWEEP_RETRY_S."""
     while True:
         started = time.perf_counter()
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                swept = await step(conn, topic=settings.topic_redemption, now=outbox.now(), limit=SWEEP_BATCH_MAX)
+            swept = await step(svc, outbox.now())
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -40,24 +39,17 @@ async def _sweep(name: str, interval_s: float, step: Step, pool: asyncpg.Pool, s
             continue
         rule_metrics.sweeps.labels(name, "ok").inc()
         rule_metrics.sweep_duration.labels(name).observe(time.perf_counter() - started)
-        for city, amount in swept.holds:
-            rule_metrics.holds.labels(city, "expired").inc()
-            rule_metrics.hold_amount.labels(city, "released").inc(amount)
-        for city, disposition, amount in swept.vouchers:
-            rule_metrics.vouchers_expired.labels(city, disposition).inc()
-            rule_metrics.amount_expired.labels(city, disposition).inc(amount)
         if swept.holds or swept.vouchers:
-            on_commit()
             log.info("swept", extra={"sweeper": name, "holds": len(swept.holds), "vouchers": len(swept.vouchers)})
         if swept.candidates >= SWEEP_BATCH_MAX:
             continue  # a full batch: more may be due
         await asyncio.sleep(interval_s)
 
 
-def start(pool: asyncpg.Pool, settings: Settings, on_commit: Callable[[], None]) -> list[asyncio.Task]:
+def start(svc: commands.Service) -> list[asyncio.Task]:
     return [
-        asyncio.create_task(_sweep("holds", HOLD_SWEEP_INTERVAL_S, store.void_timed_out_holds, pool, settings,
-                                   on_commit), name="hold-sweeper"),
-        asyncio.create_task(_sweep("expiry", EXPIRY_SWEEP_INTERVAL_S, store.expire_vouchers, pool, settings,
-                                   on_commit), name="expiry-sweeper"),
+        asyncio.create_task(_sweep("holds", HOLD_SWEEP_INTERVAL_S, commands.void_timed_out_holds, svc),
+                            name="hold-sweeper"),
+        asyncio.create_task(_sweep("expiry", EXPIRY_SWEEP_INTERVAL_S, commands.expire_vouchers, svc),
+                            name="expiry-sweeper"),
     ]

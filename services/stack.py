@@ -1,0 +1,191 @@
+"""The dev stack: the three services as real processes on real PostgreSQL and Kafka, one fresh world per run.
+
+Each run gets its own database, topics and consumer groups, so it never touches the demo data of `make up`. The
+tests (`tests/harness.py`, `tests/conftest.py`) and the load harness (`make bench`, `load/bench.py`) both start it
+from here; it lives beside the CLI, outside `services.common` (it starts services, so it sits above them), and
+imports nothing from `tests`.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import asyncpg
+
+from schemas.limits import (
+    STACK_EXIT_WAIT_S, STACK_PG_POOL_MAX, STACK_READY_POLL_S, STACK_READY_TIMEOUT_S, STACK_TOKEN_TTL_S,
+)
+from services.common import auth
+from services.common.settings import TOKEN_KEY_BYTES
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+LOG_DIR: Final = ROOT / ".run" / "logs" / "tests"
+LOG_TAIL_CHARS: Final = 3000  # of a service's log, quoted when it fails to start
+
+CREATE_DATABASE_SQL: Final = 'CREATE DATABASE "{db}"'  # the name is made here from hex, never from input
+DROP_DATABASE_SQL: Final = 'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def infra_env() -> dict[str, str]:
+    """CVL_PG_DSN and CVL_KAFKA_BOOTSTRAP from the environment, else from .run/env (written by deploy/*.sh)."""
+    env = {}
+    env_file = ROOT / ".run" / "env"
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            line = line.removeprefix("export ").strip()
+            if "=" in line:
+                k, v = line.split("=", 1)
+                env[k] = v.strip().strip('"').strip("'")
+    for k in ("CVL_PG_DSN", "CVL_KAFKA_BOOTSTRAP"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    if "CVL_PG_DSN" not in env or "CVL_KAFKA_BOOTSTRAP" not in env:
+        raise RuntimeError("PostgreSQL and Kafka are not configured: run `make infra` first (or `make test`)")
+    return env
+
+
+def unique(prefix: str) -> str:
+    """A fresh id (city, provider) that no earlier run used."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Proc:
+    service: str
+    port: int
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    dsn: str
+    token_key: bytes
+    topics: dict[str, str]
+    procs: dict[str, list[Proc]] = field(default_factory=dict)
+
+    def url(self, service: str) -> str:
+        procs = self.procs.get(service)
+        return procs[0].url if procs else f"http://unstarted-{service}"
+
+    def token(self, role: str, *, city: str | None = None, provider: str | None = None,
+              ttl_s: int = STACK_TOKEN_TTL_S, sub: str | None = None) -> str:
+        return auth.issue(self.token_key, role=role, city=city, provider=provider, ttl_s=ttl_s,  # type: ignore
+                          sub=sub)
+
+    def start(self, service: str, *, port: int | None = None, extra_env: dict[str, str] | None = None) -> Proc:
+        port = port or free_port()
+        env = {**os.environ, **self.env, f"CVL_{service.upper()}_PORT": str(port), **(extra_env or {})}
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log = LOG_DIR / f"{service}-{port}.log"
+        with open(log, "ab") as out:
+            popen = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = Proc(service, port, popen, log)
+        self.procs.setdefault(service, []).append(proc)
+        return proc
+
+    async def wait_ready(self, proc: Proc) -> None:
+        deadline = time.monotonic() + STACK_READY_TIMEOUT_S
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"{proc.service} exited: {proc.log_tail()}")
+                try:
+                    async with http.get(f"{proc.url}/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(STACK_READY_POLL_S)
+        raise TimeoutError(f"{proc.service} not ready: {proc.log_tail()}")
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> int:
+        """Signal one process, wait for it to exit, forget it; returns its exit code."""
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(sig)
+        rc = proc.popen.wait(STACK_EXIT_WAIT_S)
+        self.procs[proc.service].remove(proc)
+        return rc
+
+    def stop_all(self) -> None:
+        """SIGTERM every process (they drain in parallel), then SIGKILL any that outlives the wait."""
+        for procs in self.procs.values():
+            for p in procs:
+                if p.popen.poll() is None:
+                    p.popen.send_signal(signal.SIGTERM)
+        for procs in self.procs.values():
+            for p in procs:
+                try:
+                    p.popen.wait(STACK_EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+        self.procs.clear()
+
+
+async def create_stack() -> Stack:
+    """A fresh database, topics and groups, and the services started and ready (issuing first: it creates the
+    topics). `CVL_TEST_SERVICES` (default "redemption,ledger") says which consumers to start besides issuing."""
+    infra = infra_env()
+    run = secrets.token_hex(4)
+    admin_dsn = infra["CVL_PG_DSN"]
+    db = f"cvl_test_{run}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(CREATE_DATABASE_SQL.format(db=db))
+    finally:
+        await conn.close()
+    dsn = admin_dsn.rsplit("/", 1)[0] + "/" + db
+    key = secrets.token_bytes(TOKEN_KEY_BYTES)
+    topics = {"issuing": f"t{run}.cvl.issuing.v1", "redemption": f"t{run}.cvl.redemption.v1"}
+    env = {
+        "CVL_PG_DSN": dsn,
+        "CVL_KAFKA_BOOTSTRAP": infra["CVL_KAFKA_BOOTSTRAP"],
+        "CVL_TOPIC_ISSUING": topics["issuing"],
+        "CVL_TOPIC_REDEMPTION": topics["redemption"],
+        "CVL_GROUP_PREFIX": f"t{run}",
+        "CVL_TOKEN_KEY": key.hex(),
+        "CVL_PG_POOL_MAX": str(STACK_PG_POOL_MAX),
+    }
+    stack = Stack(env=env, dsn=dsn, token_key=key, topics=topics)
+    await stack.wait_ready(stack.start("issuing"))
+    wanted = os.environ.get("CVL_TEST_SERVICES", "redemption,ledger").split(",")
+    procs = [stack.start(s) for s in ("redemption", "ledger") if s in wanted]
+    for p in procs:
+        await stack.wait_ready(p)
+    return stack
+
+
+async def drop_stack(stack: Stack) -> None:
+    """Stop every process of the stack and drop its database."""
+    stack.stop_all()
+    conn = await asyncpg.connect(infra_env()["CVL_PG_DSN"])
+    try:
+        await conn.execute(DROP_DATABASE_SQL.format(db=stack.dsn.rsplit("/", 1)[1]))
+    finally:
+        await conn.close()
