@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .common import CityId, Timestamp, Total, Uuid, Year
+from .common import DEFAULT_PROGRAM, CityId, ProgramId, Timestamp, Total, Uuid, Year
 
 
 class Account(msgspec.Struct, kw_only=True):
@@ -14,6 +14,10 @@ class Account(msgspec.Struct, kw_only=True):
 
 
 class CityReport(msgspec.Struct, kw_only=True):
+    """One program's budget of a city for a year, and what became of it (the first release's report is the program
+    `default`'s). `budget` includes `carried_in` (value carried into this year from the previous year's expired
+    vouchers); `expired` includes `carried_out` (this year's expired value that went on to the next year's budget)."""
+
     city: CityId
     year: Year
     budget: Total
@@ -24,6 +28,9 @@ class CityReport(msgspec.Struct, kw_only=True):
     expired: Total
     outstanding: Total
     available: Total
+    program: ProgramId = DEFAULT_PROGRAM
+    carried_in: Total = 0
+    carried_out: Total = 0
 
 
 class TrialBalance(msgspec.Struct, kw_only=True):

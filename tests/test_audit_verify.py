@@ -204,6 +204,93 @@ def test_a_problem_in_a_later_range_is_named_the_same_in_one_process_and_in_seve
                                "not an entry": "export line 25002: a checkpoint or totals line"}[tamper]), message
 
 
+# --- programs: accounts per program, and the year-end carry to the next year ------------------------------------------
+
+@pytest.fixture(scope="module")
+def with_programs(tmp_path_factory):
+    """A synthetic export where every city also runs program `model`, whose expiries carry to 2027 (then a
+    BudgetCarried entry, without postings)."""
+    path = tmp_path_factory.mktemp("programs") / "programs.jsonl"
+    key = note.parse_verifier_key(write_synthetic_export(path, 6_000, checkpoint_every=499, programs=True))
+    return path, key
+
+
+def carries_of(lines: list[dict]) -> list[int]:
+    return [i for i, x in enumerate(lines) if x.get("type") == "VoucherExpired"
+            and x["postings"][1]["account"].startswith("budget:")]
+
+
+def test_an_export_with_programs_and_carries_verifies_and_its_reports_are_per_program(with_programs):
+    path, key = with_programs
+    lines = lines_of(path)
+    carries = carries_of(lines)
+    assert carries and all(lines[i]["postings"][1]["account"].endswith(":2027:model") for i in carries)
+    assert any(x.get("type") == "BudgetCarried" and x["postings"] == [] for x in lines)
+    assert any(x.get("type") == "ProgramSet" for x in lines)
+    reports = next(x["totals"] for x in lines if "totals" in x)["reports"]
+    carried = {(r["city"], r["year"], r["program"]): r for r in reports}
+    assert {(y, p) for _, y, p in carried} == {(2026, "default"), (2026, "model"), (2027, "model")}
+    next_year = [r for (_, y, _), r in carried.items() if y == 2027]
+    assert sum(r["carried_in"] for r in next_year) == sum(
+        r["carried_out"] for (_, y, _), r in carried.items() if y == 2026) > 0
+    assert all(r["budget"] == r["carried_in"] == r["available"] for r in next_year)
+    for processes in (1, 3):
+        outcome = verify.verify_file(path, key, processes=processes)
+        assert (outcome.entries, outcome.reports_compared, outcome.warnings) == (6_000, 15, [])
+
+
+def forge_account(lines: list[dict], i: int, account: str, posting: int = 1) -> None:
+    """Move posting `posting` of line `i` to `account`, in the entry and its leaf alike (as the ledger's operator
+    could, before signing): only the shape of the postings can tell."""
+    lines[i]["postings"][posting]["account"] = account
+    body = leaf_json(lines[i])
+    body["postings"][posting]["account"] = account
+    set_leaf(lines[i], body)
+
+
+@pytest.mark.parametrize("where", ["same-year", "two-years-on", "other-program", "other-city"])
+def test_a_carry_sent_anywhere_but_the_next_year_of_its_program_is_named(with_programs, tmp_path, where):
+    path, key = with_programs
+    lines = lines_of(path)
+    i = carries_of(lines)[-1]   # in the last range when verified by several processes
+    right = lines[i]["postings"][1]["account"]
+    _, city, year, program = right.split(":")
+    other_city = next(f"city-{k}" for k in range(5) if f"city-{k}" != city)
+    wrong = {"same-year": f"budget:{city}:2026:{program}", "two-years-on": f"budget:{city}:2028:{program}",
+             "other-program": f"budget:{city}:2027", "other-city": f"budget:{other_city}:2027:{program}"}[where]
+    forge_account(lines, i, wrong)
+    bad = write_lines(tmp_path / "forged.jsonl", lines)
+    voucher = lines[i]["postings"][0]["account"]
+    expected = (f"entry {lines[i]['index']} (VoucherExpired {lines[i]['event_id']}): carries the value of {voucher} "
+                f"to {wrong}, but it was minted from budget:{city}:2026:{program}: a carry goes to the next year's "
+                f"budget of the same city and program, {right}")
+    for processes in (1, 3):
+        with pytest.raises(verify.VerificationFailed) as failed:
+            verify.verify_file(bad, key, processes=processes)
+        assert str(failed.value) == expected
+
+
+def test_a_programs_report_is_compared_and_the_default_program_is_never_spelled_out(with_programs, tmp_path):
+    path, key = with_programs
+    lines = lines_of(path)
+    totals = next(x["totals"] for x in lines if "totals" in x)
+    report = next(r for r in totals["reports"] if r["year"] == 2027)
+    report["carried_in"] -= 1
+    with pytest.raises(verify.VerificationFailed, match=rf"^totals at size 6000: the city report of {report['city']} "
+                       rf"2027 program model: carried_in is {report['carried_in']} by the ledger API, "
+                       rf"{report['carried_in'] + 1} recomputed"):
+        verify.verify_file(write_lines(tmp_path / "report.jsonl", lines), key, processes=1)
+
+    lines = lines_of(path)
+    i = next(i for i, x in enumerate(lines) if x.get("type") == "VoucherMinted"
+             and x["postings"][0]["account"].count(":") == 2)
+    spelled = lines[i]["postings"][0]["account"] + ":default"
+    forge_account(lines, i, spelled, posting=0)
+    with pytest.raises(verify.VerificationFailed, match=rf"^entry {lines[i]['index']} \(VoucherMinted .*\): posting 0: "
+                       rf"'{spelled}' is not an account of the chart"):
+        verify.verify_file(write_lines(tmp_path / "default.jsonl", lines), key, processes=1)
+
+
 # --- a ledger with some history, exported ----------------------------------------------------------------------------
 
 def cli(*args: str, token: str | None = None, **env: str) -> subprocess.CompletedProcess:

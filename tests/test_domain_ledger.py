@@ -12,7 +12,7 @@ import pytest
 
 from schemas import events as ev
 from schemas.ledger import Posting
-from schemas.limits import BIGINT_MAX, ID_LENGTH_MAX
+from schemas.limits import BIGINT_MAX, ID_LENGTH_MAX, YEAR_MAX
 from services.ledger import domain
 
 CITY, YEAR, PROVIDER = "wuxi", 2026, "acme-compute"
@@ -71,8 +71,9 @@ def frozen(returned: int) -> ev.Event:
     return event("VoucherFrozen", voucher_id=VOUCHER, city=CITY, year=YEAR, returned=returned)
 
 
-def expired(amount: int, disposition: str) -> ev.Event:
-    return event("VoucherExpired", voucher_id=VOUCHER, city=CITY, year=YEAR, amount=amount, disposition=disposition)
+def expired(amount: int, disposition: str, **extra) -> ev.Event:
+    return event("VoucherExpired", voucher_id=VOUCHER, city=CITY, year=YEAR, amount=amount, disposition=disposition,
+                 **extra)
 
 
 def city_set() -> ev.Event:
@@ -98,6 +99,7 @@ def moves(postings: list[Posting]) -> list[tuple[str, int, int]]:
 
 BUDGET, APPROPRIATION, LAPSED = (domain.budget(CITY, YEAR), domain.appropriation(CITY, YEAR),
                                  domain.lapsed(CITY, YEAR))
+NEXT_BUDGET = domain.budget(CITY, YEAR + 1)
 VOUCHER_ACCOUNT, HOLD, PROVIDER_ACCOUNT = (domain.voucher(VOUCHER), domain.hold(VOUCHER),
                                            domain.provider(PROVIDER))
 
@@ -124,7 +126,7 @@ DOCUMENTED_POSTINGS = [
     (frozen(500), [(VOUCHER_ACCOUNT, 500, 0), (BUDGET, 0, 500)]),
     (frozen(0), []),
     (expired(200, "lapse"), [(VOUCHER_ACCOUNT, 200, 0), (LAPSED, 0, 200)]),
-    (expired(200, "carry"), [(VOUCHER_ACCOUNT, 200, 0), (BUDGET, 0, 200)]),
+    (expired(200, "carry"), [(VOUCHER_ACCOUNT, 200, 0), (NEXT_BUDGET, 0, 200)]),   # the NEXT year's budget
 ]
 
 
@@ -161,11 +163,13 @@ def test_a_voucher_life_leaves_every_account_where_the_chart_says():
 
 
 def test_expiry_lapses_or_carries_and_the_report_counts_it_either_way():
-    for disposition, destination in (("lapse", LAPSED), ("carry", BUDGET)):
+    for disposition, destination in (("lapse", LAPSED), ("carry", NEXT_BUDGET)):
         batch = domain.journal_batch(0, [budget_set(1_000), minted(800), redeemed(300), expired(500, disposition)],
                                      set())
         assert balances(batch)[VOUCHER_ACCOUNT] == 0
-        assert balances(batch)[destination] == (500 if destination == LAPSED else 1_000 - 800 + 500)
+        # Carried value goes to the next year's budget, never back to the year that lapsed.
+        assert balances(batch)[destination] == 500
+        assert balances(batch)[BUDGET] == 1_000 - 800
         report = batch.reports[domain.CityYear(CITY, YEAR)]
         assert (report.expired, report.outstanding) == (500, 0)
 
@@ -239,6 +243,91 @@ def test_an_empty_batch_adds_nothing():
 
 # --- the chart of accounts ----------------------------------------------------------------------------------------------
 
+# --- programs and the year-end carry ---------------------------------------------------------------------------------
+
+MODEL = "model"
+M_APPROPRIATION, M_BUDGET, M_LAPSED, M_NEXT_BUDGET = (
+    domain.appropriation(CITY, YEAR, MODEL), domain.budget(CITY, YEAR, MODEL), domain.lapsed(CITY, YEAR, MODEL),
+    domain.budget(CITY, YEAR + 1, MODEL))
+
+
+def in_program(e: ev.Event, program: str = MODEL) -> ev.Event:
+    return with_data(e, program=program)
+
+
+def program_set() -> ev.Event:
+    return event("ProgramSet", city=CITY, program=MODEL, name="Model vouchers", kind="model",
+                 eligible={"sizes": ["small"]})
+
+
+def budget_carried(amount: int) -> ev.Event:
+    return event("BudgetCarried", city=CITY, program=MODEL, year=YEAR + 1, from_year=YEAR, voucher_id=VOUCHER,
+                 amount=amount, budget_amount=amount, budget_committed=0)
+
+
+def test_a_programs_accounts_spell_it_out_and_the_default_program_never_does():
+    assert (M_APPROPRIATION, M_BUDGET, M_LAPSED) == (f"appropriation:{CITY}:{YEAR}:model",
+                                                     f"budget:{CITY}:{YEAR}:model", f"lapsed:{CITY}:{YEAR}:model")
+    assert domain.budget(CITY, YEAR, "default") == domain.budget(CITY, YEAR) == f"budget:{CITY}:{YEAR}"
+    assert domain.parse_account(M_BUDGET) == domain.AccountRef("budget", city=CITY, year=YEAR, program=MODEL)
+    assert domain.parse_account(BUDGET).program == "default"
+    story = [in_program(budget_set(10_000)), in_program(minted(1_000)), in_program(redeemed(300)),
+             in_program(frozen(700))]
+    batch = domain.journal_batch(0, story, set())
+    assert balances(batch) == {M_APPROPRIATION: -10_000, M_BUDGET: 10_000 - 1_000 + 700, VOUCHER_ACCOUNT: 0,
+                               PROVIDER_ACCOUNT: 300}
+    assert batch.reports == {domain.CityYear(CITY, YEAR, MODEL): domain.ReportDelta(
+        budget=10_000, issued=1_000, redeemed=300, revoked=700)}
+    assert batch.homes == {VOUCHER: domain.CityYear(CITY, YEAR, MODEL)}
+    # The same events in the default program touch none of the program's accounts.
+    assert not set(balances(domain.journal_batch(0, [budget_set(10_000), minted(1_000)], set()))) & {
+        M_APPROPRIATION, M_BUDGET}
+
+
+def test_a_carry_posts_to_the_next_years_budget_of_the_same_program_and_adds_to_both_years_reports():
+    story = [in_program(budget_set(1_000)), in_program(minted(800)), in_program(redeemed(300)),
+             in_program(expired(500, "carry")), budget_carried(500)]
+    batch = domain.journal_batch(0, story, set())
+    assert moves(batch.entries[3].postings) == [(VOUCHER_ACCOUNT, 500, 0), (M_NEXT_BUDGET, 0, 500)]
+    assert batch.entries[4].postings == [], "BudgetCarried: the value moved on the VoucherExpired entry"
+    assert balances(batch) == {M_APPROPRIATION: -1_000, M_BUDGET: 200, VOUCHER_ACCOUNT: 0, PROVIDER_ACCOUNT: 300,
+                               M_NEXT_BUDGET: 500}
+    assert domain.report_delta(story[3], batch.entries[3].postings) == [
+        (domain.CityYear(CITY, YEAR, MODEL), domain.ReportDelta(expired=500, carried_out=500, outstanding=-500)),
+        (domain.CityYear(CITY, YEAR + 1, MODEL), domain.ReportDelta(budget=500, carried_in=500)),
+    ]
+    this_year, next_year = (batch.reports[domain.CityYear(CITY, YEAR, MODEL)],
+                            batch.reports[domain.CityYear(CITY, YEAR + 1, MODEL)])
+    assert this_year == domain.ReportDelta(budget=1_000, issued=800, redeemed=300, expired=500, carried_out=500)
+    assert next_year == domain.ReportDelta(budget=500, carried_in=500)
+    # The identities the report view checks (store.report_view), per row, with the row's three accounts.
+    for key, row in ((domain.CityYear(CITY, YEAR, MODEL), this_year), (domain.CityYear(CITY, YEAR + 1, MODEL),
+                                                                       next_year)):
+        b = balances(batch)
+        appropriation, available, lapsed = (b.get(domain.appropriation(*key), 0), b.get(domain.budget(*key), 0),
+                                            b.get(domain.lapsed(*key), 0))
+        assert appropriation == -(row.budget - row.carried_in)
+        assert available + lapsed + row.carried_out == row.budget - row.issued + row.revoked + row.expired
+        assert row.outstanding == row.issued - row.redeemed + row.refunded - row.revoked - row.expired
+    assert batch.homes == {VOUCHER: domain.CityYear(CITY, YEAR, MODEL)}, "BudgetCarried gives no voucher a home"
+
+
+def test_a_voucher_of_the_last_year_cannot_carry_and_lapses():
+    last = with_data(expired(500, "carry"), year=YEAR_MAX)
+    entry = domain.journal_entry(0, last)
+    assert moves(entry.postings) == [(VOUCHER_ACCOUNT, 500, 0), (domain.lapsed(CITY, YEAR_MAX), 0, 500)]
+    assert domain.report_delta(last, entry.postings) == [
+        (domain.CityYear(CITY, YEAR_MAX), domain.ReportDelta(expired=500, outstanding=-500))]
+
+
+def test_program_and_carry_events_are_journaled_without_postings_report_or_home():
+    for e in (program_set(), budget_carried(500)):
+        batch = domain.journal_batch(3, [e], set())
+        assert [(x.index, x.type, x.postings) for x in batch.entries] == [(3, domain.event_type(e), [])]
+        assert (batch.accounts, batch.reports, batch.homes) == ({}, {}, {})
+        assert domain.report_delta(e, []) is None and domain.voucher_home(e) is None
+
+
 def test_every_account_of_the_chart_parses_to_what_it_names():
     assert domain.parse_account(BUDGET) == domain.AccountRef("budget", city=CITY, year=YEAR)
     assert domain.parse_account(APPROPRIATION) == domain.AccountRef("appropriation", city=CITY, year=YEAR)
@@ -246,7 +335,7 @@ def test_every_account_of_the_chart_parses_to_what_it_names():
     assert domain.parse_account(VOUCHER_ACCOUNT) == domain.AccountRef("voucher", voucher_id=VOUCHER)
     assert domain.parse_account(HOLD) == domain.AccountRef("hold", voucher_id=VOUCHER)
     assert domain.parse_account(PROVIDER_ACCOUNT) == domain.AccountRef("provider", provider=PROVIDER)
-    longest = domain.appropriation("c" * ID_LENGTH_MAX, 2100)
+    longest = domain.appropriation("c" * ID_LENGTH_MAX, 2100, "p" * ID_LENGTH_MAX)
     assert len(longest) == domain.ACCOUNT_LENGTH_MAX
     assert msgspec.convert(longest, domain.AccountName) == longest
 
@@ -259,6 +348,9 @@ def test_every_account_of_the_chart_parses_to_what_it_names():
     f"budget:{'c' * (ID_LENGTH_MAX + 1)}:2026",
     "voucher:not-a-uuid", f"voucher:{VOUCHER.upper()}", f"hold:{VOUCHER}:2026",
     "provider:", "provider:acme:2026", "budget:wuxi:2026 ", "",
+    "budget:wuxi:2026:default",               # the default program is never spelled out
+    "budget:wuxi:2026:Model", "budget:wuxi:2026:-model", "budget:wuxi:2026:",
+    f"budget:wuxi:2026:{'p' * (ID_LENGTH_MAX + 1)}", "budget:wuxi:2026:model:x", "voucher:" + VOUCHER + ":model",
 ])
 def test_an_unknown_or_malformed_account_name_is_refused(name):
     with pytest.raises(ValueError, match="not an account of the chart"):

@@ -2,11 +2,13 @@
 
     python -m services.audit.bench --entries 10000000 [--out .run/bench-export.jsonl] [--keep]
 
-The export is written the way `cvl audit export` writes one (entries as the ledger serves them, totals,
-checkpoints every CHECKPOINT_EVERY entries, trailer), by a tiny model of the ledger: budgets, mints, redemptions,
-holds (placed, captured, voided), refunds, revocations and expiries with the postings the ledger documents, signed
-with a throwaway Ed25519 key. It then times the verification and prints entries/s and seconds per million.
-This model is a benchmark fixture, not a reference: the tests check the verifier against the real ledger.
+The export is written the way `cvl audit export` writes one (entries as the ledger serves them, totals, checkpoints
+every CHECKPOINT_EVERY entries, trailer), by a tiny model of the ledger: budgets, mints, redemptions, holds (placed,
+captured, voided), refunds, revocations and expiries with the postings the ledger documents, signed with a throwaway
+Ed25519 key. With `programs`, each city also runs a second program (`model`) whose expired vouchers carry their unspent
+value to the next year's budget of that program (then a BudgetCarried entry). It then times the verification and prints
+entries/s and seconds per million. This model is a benchmark fixture, not a reference: the tests check the verifier
+against the real ledger.
 """
 from __future__ import annotations
 
@@ -77,49 +79,67 @@ class Signer:
         return body + "\n\u2014 " + self.name + " " + base64.b64encode(self.key_id + signature).decode() + "\n"
 
 
+CARRYING_PROGRAM: Final = "model"   # with `programs`: the second program of every city, whose expiries carry
+
+
+def city_year(kind: str, city: str, program: str, year: int = YEAR) -> str:
+    """A city-year account: the program is spelled out unless it is `default`."""
+    return f"{kind}:{city}:{year}" if program == "default" else f"{kind}:{city}:{year}:{program}"
+
+
 class Model:
     """Just enough of the ledger to make a realistic, valid log."""
 
-    def __init__(self, seed: int, cities: int):
+    def __init__(self, seed: int, cities: int, programs: bool = False):
         self.rng = random.Random(seed)
+        self.programs = programs
         self.cities = [f"city-{i}" for i in range(cities)]
         self.vouchers: list[tuple[str, str, int]] = []   # (voucher id, city, amount) minted, sampled for spending
-        self.homes: dict[str, str] = {}                  # voucher id -> city
+        self.homes: dict[str, tuple[str, str]] = {}      # voucher id -> (city, program)
         self.balance: dict[str, int] = {}                # voucher id -> unspent
         self.holds: list[tuple[str, str, int]] = []      # (voucher id, provider, amount) open
         self.redemptions: list[tuple[str, str, int]] = []
         self.accounts: dict[str, list[int]] = {}         # account -> [debits, credits]
-        self.reports: dict[tuple[str, int], dict[str, int]] = {}
+        self.reports: dict[tuple[str, int, str], dict[str, int]] = {}
         self.time = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 
-    def report(self, city: str) -> dict[str, int]:
-        return self.reports.setdefault((city, YEAR), dict.fromkeys(
-            ("budget", "issued", "redeemed", "refunded", "revoked", "expired", "outstanding", "available"), 0))
+    def report(self, city: str, program: str = "default", year: int = YEAR) -> dict[str, int]:
+        return self.reports.setdefault((city, year, program), dict.fromkeys(
+            ("budget", "issued", "redeemed", "refunded", "revoked", "expired", "outstanding", "available",
+             "carried_in", "carried_out"), 0))
 
     def events(self):
         rng = self.rng
+        programs = ["default", CARRYING_PROGRAM] if self.programs else ["default"]
         for city in self.cities:
             yield "CitySet", []
         for city in self.cities:
-            self.report(city)["budget"] += 10**15
-            yield "BudgetSet", [(f"appropriation:{city}:{YEAR}", 10**15, 0), (f"budget:{city}:{YEAR}", 0, 10**15)]
+            for program in programs[1:]:
+                yield "ProgramSet", []
+        for city in self.cities:
+            for program in programs:
+                self.report(city, program)["budget"] += 10**15
+                yield "BudgetSet", [(city_year("appropriation", city, program), 10**15, 0),
+                                    (city_year("budget", city, program), 0, 10**15)]
         while True:
             r = rng.random()
             if r < 0.45 or len(self.vouchers) < 100:
                 vid, city, amount = str(uuid.UUID(int=rng.getrandbits(128), version=4)), rng.choice(self.cities), \
                     rng.randint(100, 100_000)
+                program = rng.choice(programs) if self.programs else "default"
                 self.vouchers.append((vid, city, amount))
-                self.homes[vid] = city
+                self.homes[vid] = (city, program)
                 self.balance[vid] = amount
-                rep = self.report(city)
+                rep = self.report(city, program)
                 rep["issued"] += amount
                 rep["outstanding"] += amount
-                yield "VoucherMinted", [(f"budget:{city}:{YEAR}", amount, 0), (f"voucher:{vid}", 0, amount)]
+                yield "VoucherMinted", [(city_year("budget", city, program), amount, 0), (f"voucher:{vid}", 0, amount)]
                 continue
             vid, city, _ = self.vouchers[rng.randrange(max(0, len(self.vouchers) - 5000), len(self.vouchers))]
+            program = self.homes[vid][1]
             left = self.balance[vid]
             provider = f"provider-{rng.randrange(8)}"
-            rep = self.report(city)
+            rep = self.report(city, program)
             if r < 0.75 and left:
                 amount = rng.randint(1, left)
                 self.balance[vid] -= amount
@@ -137,7 +157,7 @@ class Model:
                 captured = rng.randint(0, held)
                 released = held - captured
                 self.balance[hvid] += released
-                hrep = self.report(self.homes[hvid])
+                hrep = self.report(*self.homes[hvid])
                 hrep["redeemed"] += captured
                 hrep["outstanding"] -= captured
                 postings = [(f"hold:{hvid}", held, 0)]
@@ -155,7 +175,7 @@ class Model:
                 rvid, rprov, amount = self.redemptions[rng.randrange(len(self.redemptions))]
                 amount = rng.randint(1, amount)
                 self.balance[rvid] += amount
-                rrep = self.report(self.homes[rvid])
+                rrep = self.report(*self.homes[rvid])
                 rrep["refunded"] += amount
                 rrep["outstanding"] += amount
                 yield "RedemptionRefunded", [(f"provider:{rprov}", amount, 0), (f"voucher:{rvid}", 0, amount)]
@@ -164,11 +184,21 @@ class Model:
                 if r < 0.99:
                     rep["revoked"] += left
                     rep["outstanding"] -= left
-                    yield "VoucherFrozen", [(f"voucher:{vid}", left, 0), (f"budget:{city}:{YEAR}", 0, left)]
+                    yield "VoucherFrozen", [(f"voucher:{vid}", left, 0), (city_year("budget", city, program), 0, left)]
+                elif program == CARRYING_PROGRAM:
+                    rep["expired"] += left
+                    rep["carried_out"] += left
+                    rep["outstanding"] -= left
+                    following = self.report(city, program, YEAR + 1)
+                    following["budget"] += left
+                    following["carried_in"] += left
+                    yield "VoucherExpired", [(f"voucher:{vid}", left, 0),
+                                             (city_year("budget", city, program, YEAR + 1), 0, left)]
+                    yield "BudgetCarried", []
                 else:
                     rep["expired"] += left
                     rep["outstanding"] -= left
-                    yield "VoucherExpired", [(f"voucher:{vid}", left, 0), (f"lapsed:{city}:{YEAR}", 0, left)]
+                    yield "VoucherExpired", [(f"voucher:{vid}", left, 0), (city_year("lapsed", city, program), 0, left)]
             else:
                 yield "ProviderSet", []
 
@@ -176,9 +206,14 @@ class Model:
 def _totals(model: Model, size: int) -> dict:
     debits = sum(a[0] for a in model.accounts.values())
     reports = []
-    for (city, year), r in sorted(model.reports.items()):
-        d, c = model.accounts.get(f"budget:{city}:{year}", [0, 0])
-        reports.append({"city": city, "year": year, **r, "available": c - d})
+    for (city, year, program), r in sorted(model.reports.items()):
+        d, c = model.accounts.get(city_year("budget", city, program, year), [0, 0])
+        row = {"city": city, "year": year, **r, "available": c - d}
+        if model.programs:
+            row["program"] = program
+        else:  # as a ledger of before programs served them
+            del row["carried_in"], row["carried_out"]
+        reports.append(row)
     accounts = [{"account": a, "debits": d, "credits": c, "balance": c - d}
                 for a, (d, c) in sorted(model.accounts.items()) if not a.startswith(("voucher:", "hold:"))]
     return {"tree_size": size, "trial_balance": {"debits": debits, "credits": debits, "entries": size},
@@ -187,13 +222,13 @@ def _totals(model: Model, size: int) -> dict:
 
 def write_synthetic_export(path: Path, entries: int, *, seed: int = 2026, cities: int = 5,
                            checkpoint_every: int = CHECKPOINT_EVERY, totals_at: int | None = None,
-                           progress: Progress | None = None) -> str:
+                           progress: Progress | None = None, programs: bool = False) -> str:
     """Write a valid export of `entries` entries to `path`, with the totals at `totals_at` (default: the end);
-    returns the verifier key."""
+    returns the verifier key. `programs`: a second, carrying program per city (see the module docstring)."""
     totals_at = entries if totals_at is None else totals_at
-    totals = _totals(Model(seed, cities), 0) if totals_at == 0 else None
+    totals = _totals(Model(seed, cities, programs), 0) if totals_at == 0 else None
     signer = Signer()
-    model = Model(seed, cities)
+    model = Model(seed, cities, programs)
     encode = msgspec.json.Encoder().encode
     frontier = merkle.Frontier()
     checkpoints: list[dict] = []

@@ -6,9 +6,11 @@ must be easy to read and to run anywhere, and shares no code with the ledger ser
 `stream_ledger` is the one way both `cvl audit export` and `cvl audit verify --url` read a live ledger:
 
 1. entries are read from 0 up to the trial balance's `entries`, then the totals (trial balance, each city-year
-   report, the balances of every city-year and provider account seen) are read, bracketed by two trial balances.
-   When both name the same size, nothing was appended in between, so the totals describe exactly the entries read
-   so far. Otherwise the new entries are read and the totals taken again (at most TOTALS_ATTEMPTS_MAX times; a
+   report, the balances of every city-year and provider account seen) are read; the reports are those of every (city,
+   year, program) named by a city-year account seen (`appropriation|budget|lapsed:{city}:{year}[:{program}]`, program
+   `default` when not spelled out), read with GET /v1/reports/cities/{city}/{year}?program=, bracketed by two trial
+   balances. When both name the same size, nothing was appended in between, so the totals describe exactly the entries
+   read so far. Otherwise the new entries are read and the totals taken again (at most TOTALS_ATTEMPTS_MAX times; a
    ledger that never pauses gets the trial balance alone, which is one consistent statement on the server);
 2. then the entries up to the newest signed checkpoint are read too (waiting up to CHECKPOINT_WAIT_S for one that
    covers the totals), so that every entry read is under a signature.
@@ -40,7 +42,8 @@ CHECKPOINT_WAIT_S: Final = 10.0       # the ledger signs at least once a second 
 CHECKPOINT_POLL_S: Final = 0.25
 
 # Accounts other than voucher:/hold: ones, found in a page of entries without decoding it.
-_TOTALS_ACCOUNT_RE: Final = re.compile(rb'"account":"((?:appropriation|budget|lapsed|provider):[a-z0-9:-]{1,80})"')
+_TOTALS_ACCOUNT_RE: Final = re.compile(rb'"account":"((?:appropriation|budget|lapsed|provider):[a-z0-9:-]{1,160})"')
+DEFAULT_PROGRAM: Final = "default"
 
 
 class ApiError(RuntimeError):
@@ -55,7 +58,7 @@ class TrialBalance(msgspec.Struct):
     entries: int
 
 
-class CityReport(msgspec.Struct):
+class CityReport(msgspec.Struct, kw_only=True):
     city: str
     year: int
     budget: int
@@ -66,6 +69,10 @@ class CityReport(msgspec.Struct):
     expired: int
     outstanding: int
     available: int
+    # Since programs (absent from a ledger, or an export, of before: the city's only budget, nothing carried).
+    program: str = DEFAULT_PROGRAM
+    carried_in: int = 0
+    carried_out: int = 0
 
 
 class AccountView(msgspec.Struct):
@@ -168,13 +175,19 @@ class LedgerClient:
     def trial_balance(self) -> TrialBalance:
         return _decode_trial_balance(self.get_ok("/v1/trial-balance"))
 
-    def report(self, city: str, year: int) -> CityReport | None:
-        status, body = self.get(f"/v1/reports/cities/{city}/{year}")
+    def report(self, city: str, year: int, program: str = DEFAULT_PROGRAM) -> CityReport | None:
+        query = {} if program == DEFAULT_PROGRAM else {"program": program}
+        status, body = self.get(f"/v1/reports/cities/{city}/{year}", **query)
         if status == 404:
             return None
         if status != 200:
-            raise ApiError(f"GET /v1/reports/cities/{city}/{year} answered {status}: {body[:300]!r}")
-        return _decode_report(body)
+            raise ApiError(f"GET /v1/reports/cities/{city}/{year} (program {program}) answered {status}: "
+                           f"{body[:300]!r}")
+        report = _decode_report(body)
+        if (report.city, report.year, report.program) != (city, year, program):
+            raise ApiError(f"GET /v1/reports/cities/{city}/{year} (program {program}) answered the report of "
+                           f"{report.city} {report.year} program {report.program}")
+        return report
 
     def account(self, name: str) -> AccountView | None:
         status, body = self.get(f"/v1/accounts/{urllib.parse.quote(name, safe=':')}")
@@ -275,8 +288,7 @@ def read_totals(client: LedgerClient, size: int, accounts: set[bytes]) -> Totals
     if before.entries != size:
         return None
     names = sorted(a.decode() for a in accounts)
-    city_years = sorted({(n.split(":")[1], int(n.split(":")[2])) for n in names
-                         if n.startswith(("appropriation:", "budget:", "lapsed:"))})
+    city_years = sorted({report_key(n) for n in names if n.startswith(("appropriation:", "budget:", "lapsed:"))})
     reports = [r for cy in city_years if (r := client.report(*cy)) is not None]
     views = [a for n in names[:TOTALS_ACCOUNTS_MAX] if (a := client.account(n)) is not None]
     after = client.trial_balance()
@@ -284,6 +296,13 @@ def read_totals(client: LedgerClient, size: int, accounts: set[bytes]) -> Totals
         return None
     note = None if len(names) <= TOTALS_ACCOUNTS_MAX else f"balances of the first {TOTALS_ACCOUNTS_MAX} accounts only"
     return Totals(tree_size=size, trial_balance=after, reports=reports, accounts=views, note=note)
+
+
+def report_key(account: str) -> tuple[str, int, str]:
+    """(city, year, program) of a city-year account: `{kind}:{city}:{year}`, or `...:{program}` for a program other
+    than default."""
+    _, city, year, *program = account.split(":")
+    return city, int(year), program[0] if program else DEFAULT_PROGRAM
 
 
 def checkpoint_size(note: str) -> int:

@@ -30,7 +30,11 @@ TAIL_PREFIXES: Final = (b'{"totals":', b'{"checkpoint":', b'{"trailer":')  # exp
 _UUID: Final = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _ID: Final = r"[a-z0-9][a-z0-9-]{0,62}"
 _YEAR: Final = r"(?:20[0-9]{2}|2100)"
-_ACCOUNT: Final = rf"(?:(?:appropriation|budget|lapsed):{_ID}:{_YEAR}|(?:voucher|hold):{_UUID}|provider:{_ID})"
+# A city-year account of a program other than `default` ends with the program; `default` is never spelled out (the
+# lookahead needs what follows an account: the end of the name, or the quote that closes it in a leaf).
+_PROGRAM: Final = rf'(?::(?!default(?:$|")){_ID})?'
+_ACCOUNT: Final = (rf"(?:(?:appropriation|budget|lapsed):{_ID}:{_YEAR}{_PROGRAM}|(?:voucher|hold):{_UUID}"
+                   rf"|provider:{_ID})")
 _TIME: Final = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z"
 _TYPE: Final = r"[A-Z][A-Za-z]{0,63}"
 _INT: Final = r"(?:0|[1-9][0-9]{0,18})"

@@ -1,7 +1,8 @@
 """The auditor's replay of the ledger: checks 3–7 of verify.py, made as the entries are added up in order.
 
-A `Replay` re-adds every balance, keeps each city-year's report counters, knows where each voucher was minted, and
-keeps the Merkle frontier (the roots of the complete subtrees of the entries so far) to recompute the root at each
+A `Replay` re-adds every balance, keeps each city-year's report counters (a city-year is "city:year" for a city's
+`default` program and "city:year:program" for any other, as in the account names), knows where each voucher was minted,
+and keeps the Merkle frontier (the roots of the complete subtrees of the entries so far) to recompute the root at each
 checkpoint's size. It is fed blocks of entries with what checks 1 and 2 found in them (entries.check_leaves).
 
 To use several processors, a log can be cut into consecutive ranges, each replayed by its own process from empty
@@ -26,8 +27,21 @@ from .entries import TYPE_RE, Entry, LeafCheck, VerificationFailed, order_proble
 CONSISTENCY_PROOFS_MAX: Final = 64   # consecutive checkpoint pairs kept (reservoir sample) for --url's proofs
 EXAMPLES_MAX: Final = 5
 TRANSIENT_KINDS: Final = ("budget", "voucher", "hold")  # dips below zero before the end: a warning
-REPORT_FIELDS: Final = ("budget", "issued", "redeemed", "refunded", "revoked", "expired", "outstanding", "available")
-_COUNTERS: Final = ("issued", "revoked", "expired", "redeemed", "refunded")
+REPORT_FIELDS: Final = ("budget", "issued", "redeemed", "refunded", "revoked", "expired", "outstanding", "available",
+                        "carried_in", "carried_out")
+_COUNTERS: Final = ("issued", "revoked", "expired", "redeemed", "refunded", "carried_in", "carried_out")
+DEFAULT_PROGRAM: Final = "default"   # not spelled out in account names, nor in city-year keys
+
+
+def cy_of_report(city: str, year: int, program: str) -> str:
+    """The city-year key of a report row: "city:year", or "city:year:program" for a program other than default."""
+    return f"{city}:{year}" if program == DEFAULT_PROGRAM else f"{city}:{year}:{program}"
+
+
+def shift_year(cy: str, years: int) -> str:
+    """The same city and program, `years` later (a year-end carry goes to the next year's budget)."""
+    city, year, *program = cy.split(":")
+    return ":".join([city, str(int(year) + years), *program])
 
 Subtrees = list[tuple[int, bytes]]   # (height, root) of aligned complete subtrees, in order
 
@@ -61,14 +75,16 @@ class Books:
     expired: dict[str, int] = field(default_factory=dict)
     redeemed: dict[str, int] = field(default_factory=dict)
     refunded: dict[str, int] = field(default_factory=dict)
+    carried_in: dict[str, int] = field(default_factory=dict)    # carried into the city-year's budget
+    carried_out: dict[str, int] = field(default_factory=dict)   # expired and carried on to the next year's budget
     # Redemptions and refunds of vouchers whose mint had not been seen yet: "voucher:id" -> amount, placed at the end.
     redeemed_unplaced: dict[str, int] = field(default_factory=dict)
     refunded_unplaced: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> Books:
         return Books(self.size, dict(self.balances), self.debits, dict(self.issued), dict(self.revoked),
-                     dict(self.expired), dict(self.redeemed), dict(self.refunded), dict(self.redeemed_unplaced),
-                     dict(self.refunded_unplaced))
+                     dict(self.expired), dict(self.redeemed), dict(self.refunded), dict(self.carried_in),
+                     dict(self.carried_out), dict(self.redeemed_unplaced), dict(self.refunded_unplaced))
 
     def add(self, other: Books) -> None:
         """Add the books of the range that follows."""
@@ -82,7 +98,8 @@ class Books:
 
 
 def recompute_reports(books: Books, homes: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Each city-year's report from the books (verify.py, check 7), vouchers placed by `homes`."""
+    """Each city-year's report from the books (verify.py, check 7), vouchers placed by `homes`. The budget is what
+    was set (minus the appropriation's balance) plus what was carried in."""
     reports: dict[str, dict[str, int]] = {}
 
     def row(cy: str) -> dict[str, int]:
@@ -110,6 +127,8 @@ def recompute_reports(books: Books, homes: dict[str, str]) -> dict[str, dict[str
     for name in _COUNTERS:
         for cy, amount in getattr(books, name).items():
             row(cy)[name] += amount
+    for cy, amount in books.carried_in.items():
+        row(cy)["budget"] += amount
     for name, unplaced in (("redeemed", books.redeemed_unplaced), ("refunded", books.refunded_unplaced)):
         for voucher, amount in unplaced.items():
             if (cy := homes.get(voucher)) is not None:
@@ -162,7 +181,7 @@ class RangeResult:
     snapshot: Books | None
     homes: dict[str, str]
     lows: dict[str, tuple[int, int]]
-    returns: list[tuple[str, str, int, str]]
+    returns: list[tuple[str, str, int, str, str | None]]
     unknown_types: dict[str, int]
     recorded: dict[int, Subtrees]
     subtrees: Subtrees
@@ -195,7 +214,8 @@ class Replay:
         self.stack: Subtrees = []                    # the Merkle frontier, from `start`
         self.homes: dict[str, str] = {}              # "voucher:id" -> "city:year" of its mint
         self.lows: dict[str, tuple[int, int]] = {}   # account -> (lowest balance below zero, entry it was reached at)
-        self.returns: list[tuple[str, str, int, str]] = []  # value returned to a city-year before the voucher's mint
+        # Value returned to a city-year before the voucher's mint: (voucher, city-year, entry, what, carried to).
+        self.returns: list[tuple[str, str, int, str, str | None]] = []
         self.unknown_types: dict[str, int] = {}
         self.warnings: list[str] = []
         self._cy_names: dict[str, str] = {}          # one string object per "city:year"
@@ -223,6 +243,7 @@ class Replay:
             "RedemptionRefunded": self._refunded, "HoldPlaced": self._hold_placed, "HoldVoided": self._hold_voided,
             "VoucherRevoked": self._revoked, "VoucherFrozen": self._revoked, "VoucherExpired": self._expired,
             "BudgetSet": self._budget_set, "CitySet": self._no_postings, "ProviderSet": self._no_postings,
+            "ProgramSet": self._no_postings, "BudgetCarried": self._no_postings,
         }
         self._first_entry: tuple[int, str, str] | None = None
         self._advance_checkpoint()
@@ -532,35 +553,55 @@ class Replay:
         if voucher[len("voucher:"):] != hold[len("hold:"):]:
             raise self._shape(n, e, "[D hold:{id}, C voucher:{id}] of the same voucher")
 
-    def _returned_to(self, n: int, e: Entry, kinds: tuple[str, ...], expected: str) -> str | None:
-        """The city-year an entry returns a voucher's value to, or None for an entry without postings. It must be
-        the city-year the voucher was minted from: checked now, or at the end when the mint comes later."""
-        if not e.postings:
-            return None
-        voucher, to = self._pair(n, e, "voucher:", kinds, expected)
-        cy = self._cy(to)
+    def _returned_from(self, n: int, e: Entry, voucher: str, cy: str, carried_to: str | None = None) -> None:
+        """`voucher`'s value leaves it on behalf of city-year `cy` (returned or lapsed there; or, carried to
+        `carried_to`, the next year's budget, expired there): `cy` must be the city-year the voucher was minted
+        from, checked now, or at the end when the mint comes later."""
         home = self.homes.get(voucher)
         if home is None:
-            self.returns.append((voucher, cy, n, f"{e.type} {e.event_id}"))
+            self.returns.append((voucher, cy, n, f"{e.type} {e.event_id}", carried_to))
         elif home != cy:
-            raise self._misplaced(voucher, cy, n, f"{e.type} {e.event_id}", home)
-        return cy
+            raise self._misplaced(voucher, cy, n, f"{e.type} {e.event_id}", home, carried_to)
 
     @staticmethod
-    def _misplaced(voucher: str, cy: str, n: int, what: str, home: str) -> VerificationFailed:
+    def _misplaced(voucher: str, cy: str, n: int, what: str, home: str,
+                   carried_to: str | None = None) -> VerificationFailed:
+        if carried_to is not None:
+            return VerificationFailed(
+                f"entry {n} ({what}): carries the value of {voucher} to {carried_to}, but it was minted from "
+                f"budget:{home}: a carry goes to the next year's budget of the same city and program, "
+                f"budget:{shift_year(home, 1)}", (n, 1))
         return VerificationFailed(f"entry {n} ({what}): returns the value of {voucher} to {cy}, but it was minted "
                                   f"from budget:{home}", (n, 1))
 
     def _revoked(self, n: int, e: Entry, amount: int) -> None:
-        cy = self._returned_to(n, e, ("budget:",), "[D voucher:{id}, C budget:{city}:{year}] or none")
-        if cy is not None:
-            self.books.revoked[cy] = self.books.revoked.get(cy, 0) + amount
+        if not e.postings:
+            return
+        voucher, to = self._pair(n, e, "voucher:", "budget:",
+                                 "[D voucher:{id}, C budget:{city}:{year}[:{program}]] or none")
+        cy = self._cy(to)
+        self._returned_from(n, e, voucher, cy)
+        self.books.revoked[cy] = self.books.revoked.get(cy, 0) + amount
 
     def _expired(self, n: int, e: Entry, amount: int) -> None:
-        cy = self._returned_to(n, e, ("lapsed:", "budget:"),
-                               "[D voucher:{id}, C lapsed:{city}:{year} or budget:{city}:{year}] or none")
-        if cy is not None:
-            self.books.expired[cy] = self.books.expired.get(cy, 0) + amount
+        """Lapsed: to lapsed: of the voucher's own city-year. Carried: to budget: of the NEXT year of the same city
+        and program, counted as expired (and carried out) in the voucher's year and carried in to the next."""
+        if not e.postings:
+            return
+        voucher, to = self._pair(n, e, "voucher:", ("lapsed:", "budget:"),
+                                 "[D voucher:{id}, C lapsed:{city}:{year}[:{program}] or, carried, "
+                                 "budget:{city}:{year + 1}[:{program}]] or none")
+        books = self.books
+        if to[0] == "l":
+            cy = self._cy(to)
+            self._returned_from(n, e, voucher, cy)
+        else:
+            into = self._cy(to)
+            cy = shift_year(into, -1)
+            self._returned_from(n, e, voucher, cy, carried_to=to)
+            books.carried_out[cy] = books.carried_out.get(cy, 0) + amount
+            books.carried_in[into] = books.carried_in.get(into, 0) + amount
+        books.expired[cy] = books.expired.get(cy, 0) + amount
 
     def _budget_set(self, n: int, e: Entry, amount: int) -> None:
         ps = e.postings
@@ -612,12 +653,12 @@ class Replay:
                 found.append(VerificationFailed(f"entry {i} (VoucherMinted): {voucher} is minted a second time",
                                                 (i, 1)))
         pending = []
-        for voucher, cy, i, what in r.returns:
+        for voucher, cy, i, what, carried_to in r.returns:
             home = self.homes.get(voucher)
             if home is None:
-                pending.append((voucher, cy, i, what))
+                pending.append((voucher, cy, i, what, carried_to))
             elif home != cy:
-                found.append(self._misplaced(voucher, cy, i, what, home))
+                found.append(self._misplaced(voucher, cy, i, what, home, carried_to))
         first = min((f.at for f in found), default=None)
         # Checkpoints within the range, from the subtrees it recorded at their sizes, up to its first problem.
         try:
@@ -681,13 +722,13 @@ class Replay:
             raise VerificationFailed(f"no signed checkpoint covers any of the {n} entries: nothing is signed")
         if self._last_pair is not None and self._last_pair not in self.consistency_pairs:
             self.consistency_pairs.append(self._last_pair)
-        for voucher, cy, i, what in self.returns:
+        for voucher, cy, i, what, carried_to in self.returns:
             home = self.homes.get(voucher)
             if home is None:
                 raise VerificationFailed(f"entry {i} ({what}): returns the value of {voucher}, which was never "
                                          f"minted")
             if home != cy:
-                raise self._misplaced(voucher, cy, i, what, home)
+                raise self._misplaced(voucher, cy, i, what, home, carried_to)
         self._check_end_balances()
         reports = accounts = 0
         if self.totals is not None:
@@ -733,17 +774,18 @@ class Replay:
                                          f"{mine} re-added from the entries")
         recomputed = recompute_reports(books, self.homes)
         for r in totals.reports:
-            cy = f"{r.city}:{r.year}"
+            cy = cy_of_report(r.city, r.year, r.program)
             mine_row = recomputed.get(cy, dict.fromkeys(REPORT_FIELDS, 0))
+            which = f"{r.city} {r.year}" + ("" if r.program == DEFAULT_PROGRAM else f" program {r.program}")
             for name in REPORT_FIELDS:
                 if getattr(r, name) != mine_row[name]:
-                    raise VerificationFailed(f"{at}: the city report of {r.city} {r.year}: {name} is "
+                    raise VerificationFailed(f"{at}: the city report of {which}: {name} is "
                                              f"{getattr(r, name)} by the ledger API, {mine_row[name]} recomputed "
                                              f"from the entries")
         for a in totals.accounts:
             self._check_account(at, a, books)
         if totals.complete:
-            missing = sorted(set(recomputed) - {f"{r.city}:{r.year}" for r in totals.reports})
+            missing = sorted(set(recomputed) - {cy_of_report(r.city, r.year, r.program) for r in totals.reports})
             if missing:
                 self.warnings.append(f"{at}: no city report was exported for {', '.join(missing[:10])}")
         else:

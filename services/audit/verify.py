@@ -14,9 +14,14 @@ size, export line, totals) and what is wrong:
     (lowercase UUID, UTC time with 6 digits, accounts of the chart, plain decimal integers).
 3.  **Balance.** Each posting moves exactly one side by a positive amount; an entry's debits equal its credits.
 4.  **Shape.** The postings of each known event type have the documented form (a mint moves budget:{city}:{year}
-    to voucher:{id}, a redemption voucher:{id} to provider:{p}, ...); the city reports are recomputed from that
-    form. A voucher is minted once, and value returned from a voucher goes back to the city-year it was minted
-    from. Entries of a type this tool does not know count in every balance and are reported as a warning.
+    to voucher:{id}, a redemption voucher:{id} to provider:{p}, ...; CitySet, ProviderSet, ProgramSet and
+    BudgetCarried have none); the city reports are recomputed from that form. City-year accounts are per program:
+    `{kind}:{city}:{year}` for the program `default`, `{kind}:{city}:{year}:{program}` for any other, and a
+    "city-year" below is that (city, year, program). A voucher is minted once; value returned from a voucher
+    (revoked, or lapsed) goes back to the city-year it was minted from, and value carried at year end
+    (VoucherExpired to a budget: account) goes to the budget of the NEXT year of the same city and program, never
+    to the year that lapsed nor to another program. Entries of a type this tool does not know count in every
+    balance and are reported as a warning.
 5.  **Roots and signatures.** Every checkpoint's signed note verifies with the verifier key; its origin is the
     same as the first's; sizes never decrease (checkpoints out of order are named); at each checkpoint's size the
     RFC 9162 root of the entries so far (kept as the O(log n) frontier of complete subtrees) must equal the signed
@@ -32,11 +37,13 @@ size, export line, totals) and what is wrong:
     belongs to a minted voucher.
 7.  **Totals.** What the ledger API reported when the log had T entries equals what the first T entries add up
     to: the trial balance (debits = credits = the sum of all debits; entries = T); each city-year report, with
-    budget = −balance(appropriation:c:y), available = balance(budget:c:y), issued = the mints' debits of
-    budget:c:y, redeemed = provider credits of VoucherRedeemed and HoldCaptured on the city-year's vouchers,
-    refunded = provider debits of RedemptionRefunded on them, revoked = budget credits of VoucherRevoked and
-    VoucherFrozen, expired = lapsed: or budget: credits of VoucherExpired, outstanding = the voucher: and hold:
-    balances of the vouchers minted from budget:c:y; and the balance of every city-year and provider account.
+    carried_in = budget:c:y credits of VoucherExpired (carried from y − 1), budget = −balance(appropriation:c:y) +
+    carried_in, available = balance(budget:c:y), issued = the mints' debits of budget:c:y, redeemed = provider
+    credits of VoucherRedeemed and HoldCaptured on the city-year's vouchers, refunded = provider debits of
+    RedemptionRefunded on them, revoked = budget credits of VoucherRevoked and VoucherFrozen, carried_out = the
+    VoucherExpired credits of budget:c:y+1 from vouchers of c:y, expired = lapsed:c:y credits of VoucherExpired +
+    carried_out, outstanding = the voucher: and hold: balances of the vouchers minted from budget:c:y; and the
+    balance of every city-year and provider account.
 
 Speed: an export is cut into as many consecutive ranges as there are processors; each is checked and replayed by
 its own process and the replays are joined in order (replay.py), which gives the same first problem as one process.

@@ -26,7 +26,7 @@ from aiohttp import web
 from msgspec import Meta
 from prometheus_client import Counter, Gauge
 
-from schemas.common import CityId, Year
+from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, Year
 from schemas.ledger import Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance
 from schemas.limits import (
     BIGINT_MAX, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT, CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
@@ -185,8 +185,9 @@ async def get_city_report(request: web.Request) -> web.Response:
     who = principal(request)
     city = param(request, "city", CityId)
     year = param(request, "year", Year)
+    program = param(request, "program", ProgramId, query=True, default=DEFAULT_PROGRAM)
     require(who, "admin", "auditor", "issuer", city=city)
-    return json_response(await queries.city_report(request.app[POOL], city, year))
+    return json_response(await queries.city_report(request.app[POOL], city, year, program))
 
 
 async def get_trial_balance(request: web.Request) -> web.Response:
@@ -248,8 +249,10 @@ ROUTES: Final = [
     Route("GET", "/v1/accounts/{account}", get_account, "An account's debits, credits and balance",
           ("admin", "auditor"), None, Account, params={"account": domain.AccountName}),
     Route("GET", "/v1/reports/cities/{city}/{year}", get_city_report,
-          "A city's budget, issued, redeemed, refunded, revoked, expired, outstanding and available for a year",
-          ("admin", "auditor", "issuer"), None, CityReport, params={"city": CityId, "year": Year}),
+          "A city's budget of one program (`program`, default `default`) for a year: budget (set and carried in), "
+          "issued, redeemed, refunded, revoked, expired (lapsed and carried out), outstanding and available",
+          ("admin", "auditor", "issuer"), None, CityReport,
+          params={"city": CityId, "year": Year, "program": ProgramId}),
     Route("GET", "/v1/trial-balance", get_trial_balance, "Total debits and credits over all accounts",
           ("admin", "auditor"), None, TrialBalance),
     Route("GET", "/v1/entries", list_entries, "Journal entries from `start`, in index order, with their leaves",

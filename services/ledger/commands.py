@@ -67,11 +67,11 @@ async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> Journaled
         keys = sorted(decided.reports)
         columns = list(zip(*(decided.reports[k] for k in keys)))
         await conn.execute(store.UPSERT_REPORTS_SQL, [k.city for k in keys], [k.year for k in keys],
-                           *map(list, columns))
+                           [k.program for k in keys], *map(list, columns))
     if decided.homes:
         ids = sorted(decided.homes)
         await conn.execute(store.INSERT_VOUCHERS_SQL, ids, [decided.homes[i].city for i in ids],
-                           [decided.homes[i].year for i in ids])
+                           [decided.homes[i].year for i in ids], [decided.homes[i].program for i in ids])
     await _grow_tree(conn, size, (e.leaf for e in entries))
     new_size = size + len(entries)
     advanced = await conn.fetchval(store.ADVANCE_HEAD_SQL, size, new_size)

@@ -7,7 +7,8 @@ posting moves exactly one side (debit or credit) by a positive amount. An accoun
 
 Postings of an entry, in the order they are listed (debit postings first, then credit postings):
 
-    CitySet, ProviderSet    no postings (the event is still journaled)
+    CitySet, ProviderSet,   no postings (the event is still journaled)
+    ProgramSet, BudgetCarried
     BudgetSet  delta > 0    D appropriation:{city}:{year} delta      C budget:{city}:{year} delta
                delta < 0    D budget:{city}:{year} |delta|           C appropriation:{city}:{year} |delta|
                delta = 0    no postings
@@ -20,8 +21,21 @@ Postings of an entry, in the order they are listed (debit postings first, then c
     RedemptionRefunded      D provider:{provider} amount             C voucher:{voucher_id} amount
     VoucherRevoked          D voucher:{voucher_id} returned          C budget:{city}:{year} returned
     VoucherExpired          D voucher:{voucher_id} amount            C lapsed:{city}:{year} amount (disposition "lapse")
-                                                                     or C budget:{city}:{year} amount ("carry")
+                                                                     or C budget:{city}:{year + 1} amount ("carry")
     VoucherFrozen           D voucher:{voucher_id} returned          C budget:{city}:{year} returned
+
+Programs: a city runs several voucher schemes, each with its own budgets. Every budget and voucher event carries
+`program` (default `default`), and each city-year account above is that program's: for program `default` the names
+are as written (`budget:{city}:{year}`, the first release's names, unchanged); for any other program the program is
+appended, `appropriation|budget|lapsed:{city}:{year}:{program}`. `default` is never spelled out, so every balance has
+exactly one name.
+
+Year-end carry: the unspent value of an expired voucher whose budget carries goes to the budget of the NEXT year of
+the same city and program (`budget:{city}:{year + 1}[:{program}]`), never back to the year that lapsed. BudgetCarried
+(the issuing side's step raising that budget's amount) carries no postings: the value moves once, on the
+VoucherExpired entry, so balances and reports agree at every point of the log. A voucher of the last year of the
+contract's range (YEAR_MAX) has no next year: its carried value cannot move anywhere but to lapsed:{city}:{year},
+and is counted as lapsed (expired, not carried out).
 
 A revocation is a saga: VoucherRevoked (issuing) is the intent and always carries returned = 0, so it posts nothing;
 VoucherFrozen (redemption) moves what was actually unspent when the voucher was frozen, and again any refund made
@@ -49,7 +63,7 @@ import msgspec
 from msgspec import Meta
 
 from schemas import events as ev
-from schemas.common import ID_PATTERN, UUID_PATTERN
+from schemas.common import DEFAULT_PROGRAM, ID_PATTERN, UUID_PATTERN
 from schemas.limits import BIGINT_MAX, EVENT_TYPE_LENGTH_MAX, ID_LENGTH_MAX, YEAR_MAX, YEAR_MIN
 from schemas.ledger import Posting
 
@@ -59,29 +73,36 @@ _ID: Final = ID_PATTERN.strip("^$")
 _UUID: Final = UUID_PATTERN.strip("^$")
 _YEAR: Final = "(?:20[0-9]{2}|2100)"
 assert (YEAR_MIN, YEAR_MAX) == (2000, 2100), "_YEAR spells out the contract's year range"
+# A program other than `default` is appended to a city-year account; `default` itself is never spelled out.
+_PROGRAM_SUFFIX: Final = rf"(?::(?!{DEFAULT_PROGRAM}$){_ID})?"
 ACCOUNT_PATTERN: Final = (
-    rf"^(?:(?:appropriation|budget|lapsed):{_ID}:{_YEAR}|(?:voucher|hold):{_UUID}|provider:{_ID})$"
+    rf"^(?:(?:appropriation|budget|lapsed):{_ID}:{_YEAR}{_PROGRAM_SUFFIX}|(?:voucher|hold):{_UUID}|provider:{_ID})$"
 )
-ACCOUNT_LENGTH_MAX: Final = len("appropriation:") + ID_LENGTH_MAX + len(f":{YEAR_MAX}")
+ACCOUNT_LENGTH_MAX: Final = len("appropriation:") + ID_LENGTH_MAX + len(f":{YEAR_MAX}:") + ID_LENGTH_MAX
 CITY_YEAR_KINDS: Final = ("appropriation", "budget", "lapsed")
 VOUCHER_KINDS: Final = ("voucher", "hold")
 _ACCOUNT_RE: Final = re.compile(ACCOUNT_PATTERN)
 
 AccountName = Annotated[str, Meta(
     pattern=ACCOUNT_PATTERN, max_length=ACCOUNT_LENGTH_MAX,
-    description="appropriation|budget|lapsed:{city}:{year}, voucher|hold:{voucher_id} or provider:{provider}")]
+    description="appropriation|budget|lapsed:{city}:{year}[:{program}] (the program only when it is not `default`), "
+                "voucher|hold:{voucher_id} or provider:{provider}")]
 
 
-def appropriation(city: str, year: int) -> str:
-    return f"appropriation:{city}:{year}"
+def _city_year(kind: str, city: str, year: int, program: str) -> str:
+    return f"{kind}:{city}:{year}" if program == DEFAULT_PROGRAM else f"{kind}:{city}:{year}:{program}"
 
 
-def budget(city: str, year: int) -> str:
-    return f"budget:{city}:{year}"
+def appropriation(city: str, year: int, program: str = DEFAULT_PROGRAM) -> str:
+    return _city_year("appropriation", city, year, program)
 
 
-def lapsed(city: str, year: int) -> str:
-    return f"lapsed:{city}:{year}"
+def budget(city: str, year: int, program: str = DEFAULT_PROGRAM) -> str:
+    return _city_year("budget", city, year, program)
+
+
+def lapsed(city: str, year: int, program: str = DEFAULT_PROGRAM) -> str:
+    return _city_year("lapsed", city, year, program)
 
 
 def voucher(voucher_id: str) -> str:
@@ -97,13 +118,15 @@ def provider(provider_id: str) -> str:
 
 
 class AccountRef(NamedTuple):
-    """What an account name refers to: a (city, year), a voucher, or a provider."""
+    """What an account name refers to: a (city, year, program), a voucher, or a provider. `program` is that of a
+    city-year account (`default` when the name does not spell one out); it says nothing for the other kinds."""
 
     kind: str
     city: str | None = None
     year: int | None = None
     voucher_id: str | None = None
     provider: str | None = None
+    program: str = DEFAULT_PROGRAM
 
 
 def parse_account(name: str) -> AccountRef:
@@ -111,8 +134,8 @@ def parse_account(name: str) -> AccountRef:
         raise ValueError(f"{name!r} is not an account of the chart")
     kind, _, rest = name.partition(":")
     if kind in CITY_YEAR_KINDS:
-        city, year = rest.split(":")
-        return AccountRef(kind, city=city, year=int(year))
+        city, year, *program = rest.split(":")
+        return AccountRef(kind, city=city, year=int(year), program=program[0] if program else DEFAULT_PROGRAM)
     if kind in VOUCHER_KINDS:
         return AccountRef(kind, voucher_id=rest)
     return AccountRef(kind, provider=rest)
@@ -146,14 +169,14 @@ def event_type(event: ev.Event) -> str:
 def postings(event: ev.Event) -> list[Posting]:
     """The postings of `event`'s journal entry, in the documented order (module docstring)."""
     match event:
-        case ev.CitySet() | ev.ProviderSet():
+        case ev.CitySet() | ev.ProviderSet() | ev.ProgramSet() | ev.BudgetCarried():
             return []
         case ev.BudgetSet(data=d):
             if d.delta >= 0:
-                return _move(d.delta, appropriation(d.city, d.year), budget(d.city, d.year))
-            return _move(-d.delta, budget(d.city, d.year), appropriation(d.city, d.year))
+                return _move(d.delta, appropriation(d.city, d.year, d.program), budget(d.city, d.year, d.program))
+            return _move(-d.delta, budget(d.city, d.year, d.program), appropriation(d.city, d.year, d.program))
         case ev.VoucherMinted(data=d):
-            return _move(d.amount, budget(d.city, d.year), voucher(d.voucher_id))
+            return _move(d.amount, budget(d.city, d.year, d.program), voucher(d.voucher_id))
         case ev.VoucherRedeemed(data=d):
             return _move(d.amount, voucher(d.voucher_id), provider(d.provider))
         case ev.HoldPlaced(data=d):
@@ -174,16 +197,22 @@ def postings(event: ev.Event) -> list[Posting]:
             return _move(d.amount, provider(d.provider), voucher(d.voucher_id))
         case ev.VoucherRevoked(data=d):
             _not_negative(event, returned=d.returned)
-            return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year))
+            return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year, d.program))
         case ev.VoucherExpired(data=d):
             _not_negative(event, amount=d.amount)
-            to = lapsed(d.city, d.year) if d.disposition == "lapse" else budget(d.city, d.year)
+            to = (budget(d.city, d.year + 1, d.program) if carries(d)
+                  else lapsed(d.city, d.year, d.program))
             return _move(d.amount, voucher(d.voucher_id), to)
         case ev.VoucherFrozen(data=d):
             _not_negative(event, returned=d.returned)
-            return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year))
+            return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year, d.program))
         case _:
             assert_never(event)
+
+
+def carries(d: ev.VoucherExpiredData) -> bool:
+    """Whether an expiry's value goes to the next year's budget: disposition "carry", and a next year exists."""
+    return d.disposition == "carry" and d.year < YEAR_MAX
 
 
 def check_balanced(entry_postings: list[Posting]) -> None:
@@ -222,15 +251,21 @@ def journal_entry(index: int, event: ev.Event) -> JournalEntry:
 # --- the city report --------------------------------------------------------------------------------------------------
 
 class CityYear(NamedTuple):
+    """A report row's key: a city's budget of one program for one year (the first release's rows are `default`)."""
+
     city: str
     year: int
+    program: str = DEFAULT_PROGRAM
 
 
 class ReportDelta(NamedTuple):
-    """What one event adds to its (city, year) report row.
+    """What one event adds to one (city, year, program) report row.
 
     `outstanding` is summed from the entry's postings on voucher: and hold: accounts, independently of the counters,
     so that reading a report can check outstanding == issued − redeemed + refunded − revoked − expired.
+    `budget` counts both what was set (the appropriation's side) and `carried_in`, the value carried into this
+    year's budget from the previous year's expired vouchers; `expired` counts both what lapsed and `carried_out`,
+    what went on to the next year's budget.
     """
 
     budget: int = 0
@@ -238,14 +273,22 @@ class ReportDelta(NamedTuple):
     redeemed: int = 0    # gross: direct redemptions and captured holds
     refunded: int = 0
     revoked: int = 0     # what revocation returned to the budget
-    expired: int = 0     # expired value, lapsed or carried
+    expired: int = 0     # expired value, lapsed or carried out
     outstanding: int = 0
+    carried_in: int = 0  # included in budget
+    carried_out: int = 0  # included in expired
 
 
-def report_delta(event: ev.Event, entry_postings: list[Posting]) -> tuple[CityYear, ReportDelta] | None:
-    """The (city, year) an event concerns and what it adds to that report; None for city and provider events."""
+def report_delta(event: ev.Event, entry_postings: list[Posting]) -> list[tuple[CityYear, ReportDelta]] | None:
+    """The report rows an event concerns and what it adds to each; None for an event that adds to none (city,
+    provider and program events, and BudgetCarried, whose value moved on its VoucherExpired entry).
+
+    One row, the voucher's or the budget's, for every event but a carry, which adds to two: the year that expired
+    (expired and carried_out += v, outstanding −= v) and the next year of the same program (budget and carried_in
+    += v).
+    """
     match event:
-        case ev.CitySet() | ev.ProviderSet():
+        case ev.CitySet() | ev.ProviderSet() | ev.ProgramSet() | ev.BudgetCarried():
             return None
         case ev.BudgetSet(data=d):
             counters = {"budget": d.delta}
@@ -261,6 +304,8 @@ def report_delta(event: ev.Event, entry_postings: list[Posting]) -> tuple[CityYe
             counters = {"revoked": d.returned}
         case ev.VoucherExpired(data=d):
             counters = {"expired": d.amount}
+            if carries(d) and d.amount:
+                counters["carried_out"] = d.amount
         case ev.VoucherFrozen(data=d):
             counters = {"revoked": d.returned}
         case ev.HoldPlaced(data=d) | ev.HoldVoided(data=d):
@@ -268,16 +313,22 @@ def report_delta(event: ev.Event, entry_postings: list[Posting]) -> tuple[CityYe
         case _:
             assert_never(event)
     outstanding = sum(p.credit - p.debit for p in entry_postings if p.account.startswith(("voucher:", "hold:")))
-    return CityYear(d.city, d.year), ReportDelta(outstanding=outstanding, **counters)
+    rows = [(CityYear(d.city, d.year, d.program), ReportDelta(outstanding=outstanding, **counters))]
+    if isinstance(event, ev.VoucherExpired) and counters.get("carried_out"):
+        rows.append((CityYear(d.city, d.year + 1, d.program), ReportDelta(budget=d.amount, carried_in=d.amount)))
+    return rows
 
 
 def voucher_home(event: ev.Event) -> tuple[str, CityYear] | None:
-    """(voucher_id, its city and year) for any voucher event: scopes voucher: and hold: accounts to a city."""
+    """(voucher_id, its city, year and program) for any voucher event: scopes voucher: and hold: accounts to a
+    city. (BudgetCarried names the voucher it carried from, but concerns the budget of the next year: no home.)"""
+    if isinstance(event, ev.BudgetCarried):
+        return None
     data = event.data
     voucher_id = getattr(data, "voucher_id", None)
     if voucher_id is None:
         return None
-    return voucher_id, CityYear(data.city, data.year)  # type: ignore[attr-defined]
+    return voucher_id, CityYear(data.city, data.year, data.program)  # type: ignore[attr-defined]
 
 
 # --- a consumer batch -------------------------------------------------------------------------------------------------
@@ -294,8 +345,8 @@ class JournalBatch(NamedTuple):
     duplicates: int                                # events already journaled (or twice in the batch): skipped
     rejected: list[tuple[int, InvalidEvent]]       # (position in the batch, why): kept aside, no index taken
     accounts: dict[str, AccountTotals]             # what the entries add to each account
-    reports: dict[CityYear, ReportDelta]           # what they add to each city report
-    homes: dict[str, CityYear]                     # the (city, year) of every voucher they name
+    reports: dict[CityYear, ReportDelta]           # what they add to each (city, year, program) report row
+    homes: dict[str, CityYear]                     # the (city, year, program) of every voucher they name
 
 
 def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) -> JournalBatch:
@@ -326,8 +377,7 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
         for p in entry.postings:
             accounts[p.account][0] += p.debit
             accounts[p.account][1] += p.credit
-        if (report := report_delta(event, entry.postings)) is not None:
-            key, delta = report
+        for key, delta in report_delta(event, entry.postings) or ():
             before = reports.get(key, ReportDelta())
             reports[key] = ReportDelta(*(a + b for a, b in zip(before, delta)))
         if (home := voucher_home(event)) is not None:

@@ -1,9 +1,10 @@
 """The auditor's web page (GET /): plain server-rendered HTML and CSS, no script, every value escaped.
 
-The page is public: it shows what is public-money information anyway — per city and year, the budget and what
-became of it — plus the latest signed checkpoint, the verifier key, and the most recent entries by index, type, time
-and leaf hash only (no accounts, vouchers, providers or amounts of single entries). Everything finer stays behind the
-authenticated JSON API, including the inclusion proofs the entries link to (they need an auditor's bearer token).
+The page is public: it shows what is public-money information anyway — per city, year and program (voucher scheme), the
+budget and what became of it — plus the latest signed checkpoint, the verifier key, and the most recent entries by
+index, type, time and leaf hash only (no accounts, vouchers, providers or amounts of single entries). Everything finer
+stays behind the authenticated JSON API, including the inclusion proofs the entries link to (they need an auditor's
+bearer token).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Final, NamedTuple
 from schemas.ledger import CityReport
 
 REPORT_COLUMNS: Final = ("budget", "issued", "redeemed", "refunded", "revoked", "expired", "outstanding",
-                         "available")
+                         "available", "carried_in", "carried_out")
 
 _STYLE: Final = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 76rem; padding: 0 1rem; color: #1b1f24; }
@@ -69,12 +70,13 @@ def _reports(data: PageData) -> str:
     rows = []
     for r in data.reports:
         cells = "".join(_amount_cell(c, getattr(r, c)) for c in REPORT_COLUMNS)
-        rows.append(f'<tr data-city="{_e(r.city)}" data-year="{r.year}"><td class="text">{_e(r.city)}</td>'
-                    f'<td class="text">{r.year}</td>{cells}</tr>')
-    more = ('<p class="muted">Only the first cities are shown; the report API has every one.</p>'
+        rows.append(f'<tr data-city="{_e(r.city)}" data-year="{r.year}" data-program="{_e(r.program)}">'
+                    f'<td class="text">{_e(r.city)}</td><td class="text">{r.year}</td>'
+                    f'<td class="text">{_e(r.program)}</td>{cells}</tr>')
+    more = ('<p class="muted">Only the first rows are shown; the report API has every one.</p>'
             if data.reports_truncated else "")
-    return (f'<table id="reports"><thead><tr><th class="text">city</th><th class="text">year</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>{more}')
+    return (f'<table id="reports"><thead><tr><th class="text">city</th><th class="text">year</th>'
+            f'<th class="text">program</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>{more}')
 
 
 def _checkpoint(data: PageData) -> str:
@@ -146,8 +148,11 @@ def render(data: PageData) -> str:
 <p class="lead">For auditors: budgets and what became of them, and how to check this ledger without trusting its
 operator. The journal has <strong id="journal-size">{data.journal_size:,}</strong> entries.</p>
 
-<h2>Budgets by city and year</h2>
-<p class="muted">Amounts in minor units (fen for CNY). available + lapsed = budget − issued + revoked + expired;
+<h2>Budgets by city, year and program</h2>
+<p class="muted">Amounts in minor units (fen for CNY). A city may run several programs (voucher schemes), each with
+its own budget; <code>default</code> is the city's first. budget includes carried_in (unspent value of the previous
+year's expired vouchers, carried into this year); expired includes carried_out (carried on to the next year).
+available + lapsed + carried_out = budget − issued + revoked + expired;
 outstanding = issued − redeemed + refunded − revoked − expired.</p>
 {_reports(data)}
 

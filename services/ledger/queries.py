@@ -13,6 +13,8 @@ from schemas.ledger import (
     Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
 )
 
+from schemas.common import DEFAULT_PROGRAM
+
 from services.common.errors import NotFound
 
 from . import domain, merkle, page, store
@@ -114,11 +116,12 @@ async def voucher_city(pool: asyncpg.Pool, account_name: str, voucher_id: str) -
     return home["city"]
 
 
-async def city_report(pool: asyncpg.Pool, city: str, year: int) -> CityReport:
-    row = await pool.fetchrow(store.GET_REPORT_SQL, city, year, domain.appropriation(city, year),
-                              domain.budget(city, year), domain.lapsed(city, year))
+async def city_report(pool: asyncpg.Pool, city: str, year: int, program: str = DEFAULT_PROGRAM) -> CityReport:
+    row = await pool.fetchrow(store.GET_REPORT_SQL, city, year, program, domain.appropriation(city, year, program),
+                              domain.budget(city, year, program), domain.lapsed(city, year, program))
     if row is None:
-        raise NotFound(f"the ledger has no event for {city} {year}")
+        raise NotFound(f"the ledger has no event for {city} {year}"
+                       + ("" if program == DEFAULT_PROGRAM else f" program {program}"))
     return store.report_view(row)
 
 
@@ -139,22 +142,22 @@ async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, v
                     base_url: str) -> page.PageData:
     """What the auditor's page shows, read in one repeatable-read snapshot so every figure agrees with the others.
 
-    The reports are the same views (with the same checks) as GET /v1/reports/cities/{city}/{year}.
+    The reports, one per (city, year, program), are the same views (with the same checks) as
+    GET /v1/reports/cities/{city}/{year}?program=.
     """
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(store.LIST_REPORTS_SQL, reports_max + 1)
         rows, truncated = rows[:reports_max], len(rows) > reports_max
-        names = [name for r in rows for name in (domain.appropriation(r["city"], r["year"]),
-                                                  domain.budget(r["city"], r["year"]),
-                                                  domain.lapsed(r["city"], r["year"]))]
+        keys = [(r["city"], r["year"], r["program"]) for r in rows]
+        names = [name for k in keys for name in (domain.appropriation(*k), domain.budget(*k), domain.lapsed(*k))]
         balances = {b["account"]: b["balance"] for b in await conn.fetch(store.BALANCES_SQL, names)} if names else {}
         size = await conn.fetchval(store.HEAD_SQL)
         latest = await conn.fetchrow(store.LATEST_CHECKPOINT_SQL)
         recent = await conn.fetch(store.RECENT_ENTRIES_SQL, entries_max)
     reports = [store.report_view({
-        **r, "appropriation_balance": balances.get(domain.appropriation(r["city"], r["year"])),
-        "budget_balance": balances.get(domain.budget(r["city"], r["year"])),
-        "lapsed_balance": balances.get(domain.lapsed(r["city"], r["year"]))}) for r in rows]
+        **r, "appropriation_balance": balances.get(domain.appropriation(*k)),
+        "budget_balance": balances.get(domain.budget(*k)),
+        "lapsed_balance": balances.get(domain.lapsed(*k))}) for r, k in zip(rows, keys)]
     checkpoint = (page.PageCheckpoint(latest["tree_size"], latest["note"], latest["signed_at"])
                   if latest else None)
     return page.PageData(reports=reports, reports_truncated=truncated, journal_size=size, checkpoint=checkpoint,

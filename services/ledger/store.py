@@ -31,20 +31,24 @@ FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(account, debits, credit
 ORDER BY u.account
 ON CONFLICT (account) DO UPDATE
     SET debits = a.debits + EXCLUDED.debits, credits = a.credits + EXCLUDED.credits, updated_at = now()"""
+# Columns in the order of domain.CityYear, then domain.ReportDelta.
 UPSERT_REPORTS_SQL: Final = """
-INSERT INTO city_reports AS r (city, year, budget, issued, redeemed, refunded, revoked, expired, outstanding)
-SELECT u.* FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
-                       $8::bigint[], $9::bigint[])
-    AS u(city, year, budget, issued, redeemed, refunded, revoked, expired, outstanding)
-ORDER BY u.city, u.year
-ON CONFLICT (city, year) DO UPDATE SET
+INSERT INTO city_reports AS r (city, year, program, budget, issued, redeemed, refunded, revoked, expired, outstanding,
+                               carried_in, carried_out)
+SELECT u.* FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
+                       $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+    AS u(city, year, program, budget, issued, redeemed, refunded, revoked, expired, outstanding, carried_in,
+         carried_out)
+ORDER BY u.city, u.year, u.program
+ON CONFLICT (city, year, program) DO UPDATE SET
     budget = r.budget + EXCLUDED.budget, issued = r.issued + EXCLUDED.issued,
     redeemed = r.redeemed + EXCLUDED.redeemed, refunded = r.refunded + EXCLUDED.refunded,
     revoked = r.revoked + EXCLUDED.revoked, expired = r.expired + EXCLUDED.expired,
-    outstanding = r.outstanding + EXCLUDED.outstanding"""
+    outstanding = r.outstanding + EXCLUDED.outstanding, carried_in = r.carried_in + EXCLUDED.carried_in,
+    carried_out = r.carried_out + EXCLUDED.carried_out"""
 INSERT_VOUCHERS_SQL: Final = """
-INSERT INTO vouchers (voucher_id, city, year)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])
+INSERT INTO vouchers (voucher_id, city, year, program)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[])
 ON CONFLICT (voucher_id) DO NOTHING"""
 ADVANCE_HEAD_SQL: Final = "UPDATE log_head SET size = $2 WHERE size = $1 RETURNING size"
 INSERT_NODES_SQL: Final = """
@@ -80,11 +84,12 @@ GET_ACCOUNT_SQL: Final = "SELECT account, debits, credits FROM accounts WHERE ac
 VOUCHER_HOME_SQL: Final = "SELECT city, year FROM vouchers WHERE voucher_id = $1"
 # One statement, so the counters and the three account balances come from one snapshot.
 GET_REPORT_SQL: Final = """
-SELECT r.city, r.year, r.budget, r.issued, r.redeemed, r.refunded, r.revoked, r.expired, r.outstanding,
-       (SELECT a.credits - a.debits FROM accounts a WHERE a.account = $3) AS appropriation_balance,
-       (SELECT a.credits - a.debits FROM accounts a WHERE a.account = $4) AS budget_balance,
-       (SELECT a.credits - a.debits FROM accounts a WHERE a.account = $5) AS lapsed_balance
-FROM city_reports r WHERE r.city = $1 AND r.year = $2"""
+SELECT r.city, r.year, r.program, r.budget, r.issued, r.redeemed, r.refunded, r.revoked, r.expired, r.outstanding,
+       r.carried_in, r.carried_out,
+       (SELECT a.credits - a.debits FROM accounts a WHERE a.account = $4) AS appropriation_balance,
+       (SELECT a.credits - a.debits FROM accounts a WHERE a.account = $5) AS budget_balance,
+       (SELECT a.credits - a.debits FROM accounts a WHERE a.account = $6) AS lapsed_balance
+FROM city_reports r WHERE r.city = $1 AND r.year = $2 AND r.program = $3"""
 TRIAL_BALANCE_SQL: Final = """
 SELECT coalesce(sum(debits), 0) AS debits, coalesce(sum(credits), 0) AS credits,
        (SELECT size FROM log_head) AS entries
@@ -96,8 +101,8 @@ SELECT entry_index, account, debit, credit FROM postings
 WHERE entry_index BETWEEN $1 AND $2 ORDER BY entry_index, seq"""
 # The auditor's page (read in one repeatable-read snapshot, so that reports agree with the balances beside them).
 LIST_REPORTS_SQL: Final = """
-SELECT city, year, budget, issued, redeemed, refunded, revoked, expired, outstanding
-FROM city_reports ORDER BY city, year LIMIT $1"""
+SELECT city, year, program, budget, issued, redeemed, refunded, revoked, expired, outstanding, carried_in, carried_out
+FROM city_reports ORDER BY city, year, program LIMIT $1"""
 BALANCES_SQL: Final = "SELECT account, credits - debits AS balance FROM accounts WHERE account = ANY($1::text[])"
 RECENT_ENTRIES_SQL: Final = """
 SELECT j.index, j.type, j.occurred_at, n.hash AS leaf_hash
@@ -117,22 +122,28 @@ def account_view(row: asyncpg.Record) -> Account:
 
 
 def report_view(row: asyncpg.Record | dict) -> CityReport:
-    """The report, checked against the accounts it summarises (all read in one snapshot).
+    """The report of one (city, year, program), checked against the three accounts it summarises (all read in one
+    snapshot).
 
     - outstanding, summed from voucher:/hold: postings, equals issued − redeemed + refunded − revoked − expired;
-    - the appropriation's balance is minus the budget set;
-    - available (the budget account) plus lapsed equals budget − issued + revoked + expired.
+    - the appropriation's balance is minus the budget set, which is the budget less what was carried in (carried
+      value comes from the previous year's vouchers, not from the appropriation);
+    - available (the budget account) + lapsed + carried_out = budget − issued + revoked + expired: the budget
+      account receives budget (set and carried in) and revoked, and gives issued; what expired went either to
+      lapsed of this year or, carried out, to the next year's budget (not this year's account).
     """
     appropriation = row["appropriation_balance"] or 0
     available = row["budget_balance"] or 0
     lapsed = row["lapsed_balance"] or 0
-    report = CityReport(city=row["city"], year=row["year"], budget=row["budget"], issued=row["issued"],
-                        redeemed=row["redeemed"], refunded=row["refunded"], revoked=row["revoked"],
-                        expired=row["expired"], outstanding=row["outstanding"], available=available)
+    report = CityReport(city=row["city"], year=row["year"], program=row["program"], budget=row["budget"],
+                        issued=row["issued"], redeemed=row["redeemed"], refunded=row["refunded"],
+                        revoked=row["revoked"], expired=row["expired"], outstanding=row["outstanding"],
+                        available=available, carried_in=row["carried_in"], carried_out=row["carried_out"])
     assert report.outstanding == (report.issued - report.redeemed + report.refunded - report.revoked
                                   - report.expired), report
-    assert appropriation == -report.budget, (appropriation, report)
-    assert available + lapsed == report.budget - report.issued + report.revoked + report.expired, (lapsed, report)
+    assert appropriation == -(report.budget - report.carried_in), (appropriation, report)
+    assert available + lapsed + report.carried_out == (report.budget - report.issued + report.revoked
+                                                       + report.expired), (lapsed, report)
     return report
 
 
