@@ -1,76 +1,47 @@
-"""Issuing service HTTP edge: routes, roles, and the wiring of pool, writers and relay."""
+"""Issuing service HTTP edge: routes, roles, and the wiring of pool, writers and relay.
+
+Each handler parses, authorises, calls one command (`commands.py`) and responds.
+"""
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Final
 
 import asyncpg
-import msgspec
 from aiohttp import web
 
-from schemas import events as ev
 from schemas.common import CityId, ProviderId, Uuid, Year
 from schemas.issuing import (
     BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
 )
 
-from services.common import db, http, idempotency, kafka, metrics, outbox, tasks
+from services.common import db, http, idempotency, kafka, outbox, tasks
 from services.common.auth import require
-from services.common.consumer import Consumer, Delivered
-from services.common.errors import BudgetBelowCommitted, NotFound, ValidationFailed, VoucherExpired
+from services.common.consumer import Consumer
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
-from . import rule_metrics, store
+from . import commands
 from .writer import Writers
-
-log = logging.getLogger("cvl.issuing")
 
 SCHEMA: Final = "issuing"
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
+COMMANDS: Final = web.AppKey("commands", commands.Issuing)
 WRITERS: Final = web.AppKey("writers", Writers)
-RELAY: Final = web.AppKey("relay", outbox.Relay)
 CONSUMER_GROUP: Final = "issuing"  # reads the redemption topic: what revocations and expiries gave back
-
-_encoder = msgspec.json.Encoder()
-
-
-def _mint_response(command: store.MintCommand) -> bytes:
-    if command.batch:
-        return _encoder.encode(BatchMintOut(vouchers=command.minted))
-    return _encoder.encode(command.minted[0])
-
-
-def _check_future(vouchers: list[MintIn], prefix: str) -> None:
-    now = outbox.now()
-    for i, v in enumerate(vouchers):
-        if v.expires_at <= now:
-            raise ValidationFailed("expires_at must be in the future", field=f"{prefix}{i}].expires_at"
-                                   if prefix else "expires_at")
 
 
 # --- cities, budgets, providers ------------------------------------------------------------------------------------
 
 async def put_city(request: web.Request) -> web.Response:
-    require(principal(request), "admin")
+    who = principal(request)
+    require(who, "admin")
     city = param(request, "city", CityId)
     body = http.decode(await http.read_body(request), CityIn)
-    settings = request.app[http.SETTINGS]
-
-    async def command(conn: asyncpg.Connection):
-        if await conn.fetchval(store.UPSERT_CITY_SQL, city, body.name, body.currency):
-            data = ev.CitySetData(city=city, name=body.name, currency=body.currency)
-            await outbox.append(conn, [(settings.topic_issuing, city, outbox.envelope(
-                ev.CitySet, data, producer="issuing", actor=principal(request).subject))])
-        return 200, City(city=city, name=body.name, currency=body.currency)
-
-    response = await http.run_command(request.app[POOL], None, command)
-    request.app[RELAY].wake()
-    return response
+    return http.answer(await commands.set_city(request.app[COMMANDS], who.subject, city, body))
 
 
 async def put_budget(request: web.Request) -> web.Response:
@@ -79,52 +50,14 @@ async def put_budget(request: web.Request) -> web.Response:
     city = param(request, "city", CityId)
     year = param(request, "year", Year)
     body = http.decode(await http.read_body(request), BudgetIn)
-    settings = request.app[http.SETTINGS]
-
-    async def command(conn: asyncpg.Connection):
-        # Lock the city row first: every city-keyed event is written under it, so its outbox order is commit order.
-        if await conn.fetchval(store.LOCK_CITY_SQL, city) is None:
-            raise NotFound(f"no city {city}; create it with PUT /v1/cities/{city}")
-        row = await conn.fetchrow(store.INSERT_BUDGET_SQL, city, year, body.amount, body.enterprise_cap,
-                                  body.year_end)
-        previous, committed = 0, 0
-        if row is None:
-            current = await conn.fetchrow(store.LOCK_BUDGET_SQL, city, year)
-            previous, committed = current["amount"], current["committed"]
-            unchanged = (current["amount"], current["enterprise_cap"], current["year_end"]) == (
-                body.amount, body.enterprise_cap, body.year_end)
-            if not unchanged:
-                if body.amount < committed:
-                    raise BudgetBelowCommitted(
-                        f"{city} {year} has {committed} committed; the budget cannot be {body.amount}", field="amount")
-                updated = await conn.fetchrow(store.UPDATE_BUDGET_SQL, city, year, body.amount, body.enterprise_cap,
-                                              body.year_end)
-                assert updated is not None and updated["committed"] <= updated["amount"]
-        else:
-            unchanged = False
-        if not unchanged:
-            data = ev.BudgetSetData(city=city, year=year, amount=body.amount, previous_amount=previous,
-                                    delta=body.amount - previous, committed=committed,
-                                    enterprise_cap=body.enterprise_cap, year_end=body.year_end)
-            await outbox.append(conn, [(settings.topic_issuing, city, outbox.envelope(
-                ev.BudgetSet, data, producer="issuing", actor=who.subject))])
-        return 200, store.budget_view(await conn.fetchrow(store.GET_BUDGET_SQL, city, year))
-
-    response = await http.run_command(request.app[POOL], None, command)
-    request.app[RELAY].wake()
-    return response
+    return http.answer(await commands.set_budget(request.app[COMMANDS], who.subject, city, year, body))
 
 
 async def get_budget(request: web.Request) -> web.Response:
     city = param(request, "city", CityId)
     require(principal(request), "admin", "issuer", "auditor", city=city)
     year = param(request, "year", Year)
-    row = await request.app[POOL].fetchrow(store.GET_BUDGET_SQL, city, year)
-    if row is None:
-        raise NotFound(f"city {city} has no budget for {year}")
-    budget = store.budget_view(row)
-    assert budget.committed + budget.available == budget.amount
-    return json_response(budget)
+    return json_response(await commands.read_budget(request.app[POOL], city, year))
 
 
 async def put_provider(request: web.Request) -> web.Response:
@@ -132,23 +65,7 @@ async def put_provider(request: web.Request) -> web.Response:
     require(who, "admin")
     provider = param(request, "provider", ProviderId)
     body = http.decode(await http.read_body(request), ProviderIn)
-    cities = sorted(set(body.cities))
-    settings = request.app[http.SETTINGS]
-
-    async def command(conn: asyncpg.Connection):
-        known = {r["city"] for r in await conn.fetch(store.KNOWN_CITIES_SQL, cities)}
-        for i, city in enumerate(body.cities):
-            if city not in known:
-                raise ValidationFailed(f"no city {city}", field=f"cities[{i}]")
-        if await conn.fetchval(store.UPSERT_PROVIDER_SQL, provider, body.name, cities):
-            data = ev.ProviderSetData(provider=provider, name=body.name, cities=cities)
-            await outbox.append(conn, [(settings.topic_issuing, provider, outbox.envelope(
-                ev.ProviderSet, data, producer="issuing", actor=who.subject))])
-        return 200, Provider(provider=provider, name=body.name, cities=cities)
-
-    response = await http.run_command(request.app[POOL], None, command)
-    request.app[RELAY].wake()
-    return response
+    return http.answer(await commands.set_provider(request.app[COMMANDS], who.subject, provider, body))
 
 
 # --- vouchers -----------------------------------------------------------------------------------------------------
@@ -158,23 +75,8 @@ async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, bat
     for v in vouchers:
         require(who, "issuer", city=v.city)
     key = http.idempotency_key(request, who, raw)
-    if key is not None and (stored := await idempotency.lookup(request.app[POOL], key)) is not None:
-        return http.answer(stored)
-    # After the replay lookup: a retry of a mint whose expires_at has passed since still gets its first answer.
-    _check_future(vouchers, "vouchers[" if batch else "")
-    budgets = {(v.city, v.year) for v in vouchers}
-    writer_key = next(iter(budgets)) if len(budgets) == 1 else None
-    for _attempt in range(3):
-        command = await request.app[WRITERS].submit(
-            writer_key, store.MintCommand(vouchers=vouchers, actor=who.subject, key=key, batch=batch))
-        if command.refusal is not None:
-            raise command.refusal
-        if not command.replay:
-            return web.Response(body=_mint_response(command), status=201, content_type=http.JSON)
-        if (stored := await idempotency.lookup(request.app[POOL], key)) is not None:
-            return http.answer(stored)
-        # The key's first use was refused and released in the same batch: run this one for real.
-    raise ValidationFailed("the Idempotency-Key is being used by concurrent requests", field="Idempotency-Key")
+    return http.answer(await commands.mint(request.app[COMMANDS], request.app[WRITERS], who.subject, vouchers, key,
+                                           batch=batch))
 
 
 async def mint(request: web.Request) -> web.Response:
@@ -193,66 +95,20 @@ async def get_voucher(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "admin", "issuer", city=who.city)
     voucher_id = param(request, "voucher_id", Uuid)
-    row = await request.app[POOL].fetchrow(store.GET_VOUCHER_SQL, voucher_id)
-    if row is None:
-        raise NotFound(f"no voucher {voucher_id}")
-    require(who, "admin", "issuer", city=row["city"])
-    return json_response(store.voucher_view(row))
+    voucher = await commands.read_voucher(request.app[POOL], voucher_id)
+    require(who, "admin", "issuer", city=voucher.city)
+    return json_response(voucher)
 
 
 async def revoke(request: web.Request) -> web.Response:
-    """The issuer revokes a voucher: the saga's first step (see `apply_redemption_events` for its last).
-
-    The voucher is marked revoked here at once and VoucherRevoked (returned 0: an intent) goes out. The redemption
-    service freezes the voucher when it consumes that event (no holds or redemptions after; open holds voided) and
-    announces the unspent balance as VoucherFrozen; this service then returns it to the budget. Revoking a revoked
-    voucher answers the same voucher again and changes nothing; an expired voucher cannot be revoked.
-    """
+    """The issuer revokes a voucher of its city (the saga: `commands.revoke`)."""
     who = principal(request)
     require(who, "issuer", city=who.city)
     voucher_id = param(request, "voucher_id", Uuid)
     raw = await http.read_body(request)
     body = http.decode(raw, RevokeIn)
     key = http.idempotency_key(request, who, raw)
-    settings = request.app[http.SETTINGS]
-    revoked: list[Voucher] = []
-
-    async def command(conn: asyncpg.Connection):
-        row = await conn.fetchrow(store.LOCK_VOUCHER_SQL, voucher_id)
-        if row is None:
-            raise NotFound(f"no voucher {voucher_id}")
-        require(who, "issuer", city=row["city"])
-        if row["status"] == "revoked":
-            return 200, store.voucher_view(row)
-        if row["status"] == "expired":
-            raise VoucherExpired(f"voucher {voucher_id} has expired; there is nothing left to revoke")
-        now = outbox.now()
-        updated = await conn.fetchrow(store.REVOKE_VOUCHER_SQL, voucher_id, body.reason, now)
-        assert updated is not None and updated["status"] == "revoked"
-        data = ev.VoucherRevokedData(voucher_id=voucher_id, city=row["city"], year=row["year"], reason=body.reason,
-                                     returned=0)
-        await outbox.append(conn, [(settings.topic_issuing, voucher_id, outbox.envelope(
-            ev.VoucherRevoked, data, producer="issuing", actor=who.subject, occurred_at=now))])
-        view = store.voucher_view(updated)
-        revoked.append(view)
-        return 200, view
-
-    response = await http.run_command(request.app[POOL], key, command)
-    if revoked:
-        request.app[RELAY].wake()
-        rule_metrics.revocations.labels(revoked[0].city, str(revoked[0].year)).inc()
-    return response
-
-
-async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
-    """Consumer handler: the saga's last step (VoucherFrozen) and expiry's return (VoucherExpired with carry)."""
-    settled = await store.apply_redemption_events(conn, delivered)
-    for voucher_id in settled.unknown:
-        rule_metrics.unknown_vouchers.inc()
-        log.error("redemption event for a voucher this service never minted; skipped",
-                  extra={"voucher_id": voucher_id})
-    for (city, year), (amount, committed) in settled.budgets.items():
-        metrics.budget_available.labels(city, str(year)).set(amount - committed)
+    return http.answer(await commands.revoke(request.app[COMMANDS], who, voucher_id, body, key))
 
 
 ROUTES: Final = [
@@ -285,11 +141,11 @@ def create_app(settings: Settings) -> web.Application:
         pool = await db.create_pool(settings, SCHEMA)
         await db.migrate(pool, SCHEMA, MIGRATIONS)
         relay = outbox.Relay(settings, SCHEMA)
-        writers = Writers(pool, producer="issuing", topic=settings.topic_issuing, encode=_mint_response,
-                          on_commit=relay.wake)
+        writers = Writers(pool, topic=settings.topic_issuing, on_commit=relay.wake)
         consumer = Consumer(settings, pool, topics=[settings.topic_redemption], group=CONSUMER_GROUP,
-                            handler=apply_redemption_events)
-        app[POOL], app[RELAY], app[WRITERS] = pool, relay, writers
+                            handler=commands.apply_redemption_events)
+        app[POOL], app[WRITERS] = pool, writers
+        app[COMMANDS] = commands.Issuing(pool, settings.topic_issuing, relay.wake)
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="redemption-consumer")
         sweeper = asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper")

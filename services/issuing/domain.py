@@ -11,12 +11,18 @@ a budget or a cap is refused alone, the others proceed.
 """
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from schemas import events as ev
 from schemas.issuing import MintIn
 
-from services.common.errors import BudgetExceeded, EnterpriseCapExceeded, NotFound, ServiceError
+from services.common.errors import (
+    BudgetBelowCommitted, BudgetExceeded, EnterpriseCapExceeded, NotFound, ServiceError, ValidationFailed,
+    VoucherExpired,
+)
 
 BudgetKey = tuple[str, int]
 UsageKey = tuple[str, int, str]  # (city, year, beneficiary)
@@ -32,6 +38,39 @@ class BudgetState:
     @property
     def available(self) -> int:
         return self.amount - self.committed
+
+
+# --- cities, budgets, providers --------------------------------------------------------------------------------------
+
+def check_cities_known(cities: Sequence[str], known: set[str]) -> None:
+    """A provider is whitelisted only for cities that exist; the first unknown one is named by its position."""
+    for i, city in enumerate(cities):
+        if city not in known:
+            raise ValidationFailed(f"no city {city}", field=f"cities[{i}]")
+
+
+def budget_changes(city: str, year: int, current: BudgetState | None, wanted: BudgetState) -> bool:
+    """Whether setting `wanted` changes the budget (None: there is none yet). Setting the same values again changes
+    nothing; a new amount may not be below what is already committed."""
+    if current is None:
+        return True
+    if (current.amount, current.enterprise_cap, current.year_end) == (
+            wanted.amount, wanted.enterprise_cap, wanted.year_end):
+        return False
+    if wanted.amount < current.committed:
+        raise BudgetBelowCommitted(
+            f"{city} {year} has {current.committed} committed; the budget cannot be {wanted.amount}", field="amount")
+    return True
+
+
+# --- minting ---------------------------------------------------------------------------------------------------------
+
+def check_expiries_ahead(vouchers: Sequence[MintIn], now: dt.datetime, *, batch: bool) -> None:
+    """A voucher is minted to expire in the future; in a batch the field names the voucher by its position."""
+    for i, v in enumerate(vouchers):
+        if v.expires_at <= now:
+            raise ValidationFailed("expires_at must be in the future",
+                                   field=f"vouchers[{i}].expires_at" if batch else "expires_at")
 
 
 def needs(vouchers: list[MintIn]) -> dict[BudgetKey, int]:
@@ -100,6 +139,19 @@ def decide(budgets: dict[BudgetKey, BudgetState], usage: dict[UsageKey, int],
     return outcomes
 
 
+# --- revocation ------------------------------------------------------------------------------------------------------
+
+def revocable(voucher_id: str, status: str) -> bool:
+    """Whether a revocation changes the voucher: an active one is revoked; a revoked one is answered again unchanged;
+    an expired one has nothing left to revoke (refused)."""
+    if status == "revoked":
+        return False
+    if status == "expired":
+        raise VoucherExpired(f"voucher {voucher_id} has expired; there is nothing left to revoke")
+    assert status == "active", status
+    return True
+
+
 # --- value coming back from the redemption side ----------------------------------------------------------------------
 
 @dataclass
@@ -125,3 +177,19 @@ def settle_expired(s: Settlement, amount: int, disposition: str) -> None:
     else:
         s.lapsed += amount
     s.expired = True
+
+
+def settlements(events: Iterable[ev.Event]) -> dict[str, Settlement]:
+    """What a batch of redemption events gives back, per voucher: VoucherFrozen (a revocation took effect, or a refund
+    on a frozen voucher) returns its `returned`; VoucherExpired returns its amount with "carry" and lets it lapse with
+    "lapse". Every other redemption event needs nothing here."""
+    out: dict[str, Settlement] = {}
+    for event in events:
+        match event:
+            case ev.VoucherFrozen(data=data):
+                settle_frozen(out.setdefault(data.voucher_id, Settlement()), data.returned)
+            case ev.VoucherExpired(data=data):
+                settle_expired(out.setdefault(data.voucher_id, Settlement()), data.amount, data.disposition)
+            case _:
+                pass
+    return out

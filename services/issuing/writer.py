@@ -1,9 +1,14 @@
 """One writer task per (city, year) in each process: it batches concurrent mint commands into one transaction.
 
 While a transaction is in flight, new commands queue up; the writer then takes everything queued (up to
-MINT_BATCH_MAX) into the next transaction. At low load a command waits for no one; at high load one commit serves
-hundreds of commands. Several processes may run writers for the same budget: the row lock and the conditional
-budget UPDATE in `store.mint` keep them correct.
+MINT_BATCH_MAX vouchers) into the next transaction (`commands.write_mints`). At low load a command waits for no one;
+at high load one commit serves hundreds of commands. Several processes may run writers for the same budget: the row
+lock and the conditional budget UPDATE keep them correct.
+
+Every caller gets a true answer. A command goes queued → taken → writing. A caller that goes (its request timed out:
+503) while its command is queued or taken abandons it, and the writer skips it, or drops it once it holds the budget
+locks, before anything is decided; a caller that goes while its command is being written waits for the commit.
+Whatever happens to a batch (a failure, a cancellation), each of its callers is answered.
 """
 from __future__ import annotations
 
@@ -16,44 +21,48 @@ import asyncpg
 
 from services.common import metrics
 from services.common.errors import RateLimited, Unavailable
-from schemas.limits import MINT_BATCH_MAX, MINT_QUEUE_MAX, WRITER_IDLE_S
+from schemas.limits import MINT_BATCH_MAX, MINT_QUEUE_MAX, PG_COMMAND_TIMEOUT_S, WRITER_IDLE_S
 
-from . import store
+from .commands import ABANDONED, TAKEN, MintCommand, write_mints
 from .domain import BudgetKey
 
 log = logging.getLogger("cvl.issuing.writer")
 
 _STOP = None  # queued by close(): the writer commits what came before it, then stops
 
+Pending = tuple[MintCommand, asyncio.Future]
+
 
 class Writers:
-    def __init__(self, pool: asyncpg.Pool, *, producer: str, topic: str, encode: Callable, on_commit: Callable):
+    def __init__(self, pool: asyncpg.Pool, *, topic: str, on_commit: Callable[[], None]):
         self.pool = pool
-        self.producer = producer
         self.topic = topic
-        self.encode = encode
         self.on_commit = on_commit
         self._queues: dict[BudgetKey, asyncio.Queue] = {}
         self._tasks: dict[BudgetKey, asyncio.Task] = {}
+        self._solo: set[asyncio.Task] = set()  # commands on several budgets, each in a transaction of its own
         self._closing = False
 
-    async def submit(self, key: BudgetKey | None, command: store.MintCommand) -> store.MintCommand:
+    async def submit(self, key: BudgetKey | None, command: MintCommand) -> MintCommand:
         """Queue a command for its budget's writer (key None: several budgets, one transaction of its own)."""
         if self._closing:
             raise Unavailable("the service is shutting down")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         if key is None:
-            await self._commit([(command, future)])
-            return await future
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = asyncio.Queue(MINT_QUEUE_MAX)
-            self._tasks[key] = asyncio.create_task(self._run(key, queue), name=f"writer-{key[0]}-{key[1]}")
-        try:
-            queue.put_nowait((command, future))
-        except asyncio.QueueFull as exc:
-            raise RateLimited(f"{MINT_QUEUE_MAX} mint commands are already waiting for {key[0]} {key[1]}") from exc
-        return await future
+            # A task, not an await: a caller that goes must not cancel the transaction in the middle of its write.
+            task = asyncio.create_task(self._commit([(command, future)]), name="writer-several-budgets")
+            self._solo.add(task)
+            task.add_done_callback(self._solo.discard)
+        else:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = asyncio.Queue(MINT_QUEUE_MAX)
+                self._tasks[key] = asyncio.create_task(self._run(key, queue), name=f"writer-{key[0]}-{key[1]}")
+            try:
+                queue.put_nowait((command, future))
+            except asyncio.QueueFull as exc:
+                raise RateLimited(f"{MINT_QUEUE_MAX} mint commands are already waiting for {key[0]} {key[1]}") from exc
+        return await _outcome(command, future)
 
     async def _run(self, key: BudgetKey, queue: asyncio.Queue) -> None:
         try:
@@ -66,7 +75,7 @@ class Writers:
                     continue
                 if first is _STOP:
                     return
-                batch = [first]
+                batch: list[Pending] = [first]
                 size = len(first[0].vouchers)
                 stop = False
                 while not queue.empty() and size < MINT_BATCH_MAX:
@@ -75,7 +84,8 @@ class Writers:
                         stop = True
                         break
                     batch.append(item)
-                    size += len(item[0].vouchers)
+                    if item[0].state != ABANDONED:
+                        size += len(item[0].vouchers)
                 await self._commit(batch)
                 if stop:
                     return
@@ -85,30 +95,45 @@ class Writers:
                 del self._tasks[key]
             while not queue.empty():  # only when cancelled mid-way: answer, never strand a caller
                 item = queue.get_nowait()
-                if item is not _STOP and not item[1].done():
-                    item[1].set_exception(Unavailable("the service is shutting down"))
+                if item is not _STOP:
+                    _fail(item, Unavailable("the service is shutting down"))
 
-    async def _commit(self, batch: list[tuple[store.MintCommand, asyncio.Future]]) -> None:
+    async def _commit(self, batch: list[Pending]) -> None:
+        """Write a batch; every one of its callers is answered, whatever happens (re-raising a cancellation)."""
+        for command, future in batch:
+            if command.state == ABANDONED:
+                future.cancel()  # its caller has gone: nothing of it is written
+            else:
+                command.state = TAKEN
+        batch = [(c, f) for c, f in batch if c.state == TAKEN]
+        if not batch:
+            return
         commands = [c for c, _ in batch]
         started = time.perf_counter()
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                outcome = await store.mint(conn, commands, producer=self.producer, topic=self.topic,
-                                           encode=self.encode)
-        except Exception as exc:
-            log.exception("mint batch failed; nothing of it was written", extra={"commands": len(commands)})
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(Unavailable("the mint could not be written; retry with the same "
-                                                     "Idempotency-Key") if not isinstance(exc, asyncio.CancelledError)
-                                         else Unavailable("the service is shutting down"))
+                outcome = await write_mints(conn, commands, topic=self.topic)
+        except BaseException as exc:  # CancelledError included: a batch cancelled mid-commit answers its callers too
+            cancelled = not isinstance(exc, Exception)
+            if cancelled:
+                log.warning("mint batch cancelled; nothing of it was written", extra={"commands": len(commands)})
+            else:
+                log.exception("mint batch failed; nothing of it was written", extra={"commands": len(commands)})
+            for item in batch:
+                _fail(item, Unavailable("the service is shutting down") if cancelled else
+                      Unavailable("the mint could not be written; retry with the same Idempotency-Key"))
+            if cancelled:
+                raise
             return
         self.on_commit()
-        metrics.mint_batch_size.observe(len(commands))
+        metrics.mint_batch_size.observe(len(commands) - outcome.dropped)
         for (city, year), budget in outcome.budgets.items():
             metrics.budget_available.labels(city, str(year)).set(budget.available)
         minted: dict[BudgetKey, list[int]] = {}
         for command, future in batch:
+            if command.state == ABANDONED:  # dropped under the locks: its caller was told 503, nothing was written
+                future.cancel()
+                continue
             if command.refusal is None and not command.replay:
                 for v in command.minted:
                     counts = minted.setdefault((v.city, v.year), [0, 0])
@@ -123,7 +148,7 @@ class Writers:
             metrics.vouchers_minted.labels(city, str(year)).inc(count)
             metrics.amount_minted.labels(city, str(year)).inc(amount)
         log.debug("mint batch committed", extra={"commands": len(commands), "accepted": outcome.accepted,
-                                                 "refused": outcome.refused,
+                                                 "refused": outcome.refused, "dropped": outcome.dropped,
                                                  "ms": round((time.perf_counter() - started) * 1000, 2)})
 
     async def close(self) -> None:
@@ -131,4 +156,30 @@ class Writers:
         self._closing = True
         for queue in list(self._queues.values()):
             await queue.put(_STOP)
-        await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *self._solo, return_exceptions=True)
+
+
+async def _outcome(command: MintCommand, future: asyncio.Future) -> MintCommand:
+    """The caller's side: the written outcome of its command, or a cancellation only when nothing will be written."""
+    try:
+        # Shielded: the caller going must not cancel the future the writer answers on.
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if command.abandon():
+            raise  # the writer skips or drops it: "not minted" is the truth behind the 503
+    # Being written: the commit is a statement away (bounded by the PG command timeout); answer what it did.
+    log.warning("a mint's caller went while it was being written; answering its outcome late")
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), PG_COMMAND_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise Unavailable("the mint's outcome is not known yet; retry with the same Idempotency-Key") from exc
+
+
+def _fail(item: Pending, error: Unavailable) -> None:
+    command, future = item
+    if future.done():
+        return
+    if command.state == ABANDONED:
+        future.cancel()  # no one awaits it: an exception would be reported as never retrieved
+    else:
+        future.set_exception(error)

@@ -1,0 +1,406 @@
+"""Issuing commands: one function per command and per consumed event, and the two reads of the edge.
+
+Each command locks what it changes, runs the domain checks (`domain.py`) in their documented order, writes, appends
+its events to the outbox in the same transaction and returns its answer. No HTTP here: the edge (`app.py`) parses,
+authorises, calls one command and responds. Lock order, for every transaction of this service: budgets (sorted) →
+enterprise_usage (sorted) → vouchers (sorted), so that the mint writers and the consumer never wait in a cycle.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+import asyncpg
+import msgspec
+
+from schemas import events as ev
+from schemas.issuing import (
+    BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
+)
+from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX
+
+from services.common import idempotency, metrics, outbox
+from services.common.auth import Principal, require
+from services.common.consumer import Delivered
+from services.common.errors import NotFound, ServiceError, ValidationFailed
+
+from . import domain, rule_metrics, store
+from .domain import BudgetKey, BudgetState, UsageKey
+
+if TYPE_CHECKING:
+    from .writer import Writers
+
+log = logging.getLogger("cvl.issuing")
+
+PRODUCER: Final = "issuing"
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Issuing:
+    """What the commands write with: the pool, the topic their events go to, and the relay to wake after a commit."""
+
+    pool: asyncpg.Pool
+    topic: str
+    wake_relay: Callable[[], None]
+
+
+# --- cities, budgets, providers ------------------------------------------------------------------------------------
+
+async def set_city(ctx: Issuing, actor: str, city: str, body: CityIn) -> idempotency.Answer:
+    """Create or rename a city; CitySet goes out only when something changed."""
+    async def command(conn: asyncpg.Connection) -> tuple[int, City]:
+        if await conn.fetchval(store.UPSERT_CITY_SQL, city, body.name, body.currency):
+            data = ev.CitySetData(city=city, name=body.name, currency=body.currency)
+            await outbox.append(conn, [(ctx.topic, city, outbox.envelope(
+                ev.CitySet, data, producer=PRODUCER, actor=actor))])
+        return 200, City(city=city, name=body.name, currency=body.currency)
+
+    answer = await idempotency.run(ctx.pool, None, command)
+    ctx.wake_relay()
+    return answer
+
+
+async def set_budget(ctx: Issuing, actor: str, city: str, year: int, body: BudgetIn) -> idempotency.Answer:
+    """Set a city's annual budget: never below what is committed; BudgetSet goes out only when something changed."""
+    wanted = BudgetState(body.amount, 0, body.enterprise_cap, body.year_end)
+
+    async def command(conn: asyncpg.Connection) -> tuple[int, Budget]:
+        # Lock the city row first: every city-keyed event is written under it, so its outbox order is commit order.
+        if await conn.fetchval(store.LOCK_CITY_SQL, city) is None:
+            raise NotFound(f"no city {city}; create it with PUT /v1/cities/{city}")
+        inserted = await conn.fetchrow(store.INSERT_BUDGET_SQL, city, year, body.amount, body.enterprise_cap,
+                                       body.year_end)
+        current = None if inserted is not None else store.budget_state(
+            await conn.fetchrow(store.LOCK_BUDGET_SQL, city, year))
+        if domain.budget_changes(city, year, current, wanted):
+            previous, committed = (0, 0) if current is None else (current.amount, current.committed)
+            if current is not None:
+                updated = await conn.fetchrow(store.UPDATE_BUDGET_SQL, city, year, body.amount, body.enterprise_cap,
+                                              body.year_end)
+                assert updated is not None and updated["committed"] <= updated["amount"]
+            data = ev.BudgetSetData(city=city, year=year, amount=body.amount, previous_amount=previous,
+                                    delta=body.amount - previous, committed=committed,
+                                    enterprise_cap=body.enterprise_cap, year_end=body.year_end)
+            await outbox.append(conn, [(ctx.topic, city, outbox.envelope(
+                ev.BudgetSet, data, producer=PRODUCER, actor=actor))])
+        return 200, store.budget_view(await conn.fetchrow(store.GET_BUDGET_SQL, city, year))
+
+    answer = await idempotency.run(ctx.pool, None, command)
+    ctx.wake_relay()
+    return answer
+
+
+async def read_budget(pool: asyncpg.Pool, city: str, year: int) -> Budget:
+    row = await pool.fetchrow(store.GET_BUDGET_SQL, city, year)
+    if row is None:
+        raise NotFound(f"city {city} has no budget for {year}")
+    budget = store.budget_view(row)
+    assert budget.committed + budget.available == budget.amount
+    return budget
+
+
+async def set_provider(ctx: Issuing, actor: str, provider: str, body: ProviderIn) -> idempotency.Answer:
+    """Whitelist a provider for cities that exist; ProviderSet goes out only when something changed."""
+    cities = sorted(set(body.cities))
+
+    async def command(conn: asyncpg.Connection) -> tuple[int, Provider]:
+        known = {r["city"] for r in await conn.fetch(store.KNOWN_CITIES_SQL, cities)}
+        domain.check_cities_known(body.cities, known)
+        if await conn.fetchval(store.UPSERT_PROVIDER_SQL, provider, body.name, cities):
+            data = ev.ProviderSetData(provider=provider, name=body.name, cities=cities)
+            await outbox.append(conn, [(ctx.topic, provider, outbox.envelope(
+                ev.ProviderSet, data, producer=PRODUCER, actor=actor))])
+        return 200, Provider(provider=provider, name=body.name, cities=cities)
+
+    answer = await idempotency.run(ctx.pool, None, command)
+    ctx.wake_relay()
+    return answer
+
+
+# --- minting: commands queue for their budget's writer (writer.py), which runs `write_mints` for a batch -------------
+
+QUEUED: Final = "queued"        # waiting in its writer's queue
+TAKEN: Final = "taken"          # in a batch whose transaction waits for the budget locks
+WRITING: Final = "writing"      # decided under the locks: its outcome is the batch's commit
+ABANDONED: Final = "abandoned"  # its caller went (the request timed out) before it was written: it never will be
+
+
+@dataclass
+class MintCommand:
+    """One mint request (a single voucher, or an all-or-nothing batch) on its way through a writer."""
+
+    vouchers: list[MintIn]
+    actor: str
+    key: idempotency.Key | None
+    batch: bool  # answer with {"vouchers": [...]} rather than one voucher
+    minted: list[Voucher] = field(default_factory=list)
+    refusal: ServiceError | None = None
+    replay: bool = False  # the key was already used: answer with the stored response
+    state: str = QUEUED
+
+    def abandon(self) -> bool:
+        """The caller has gone. True: the command will not be written (a writer skips or drops it). False: it is
+        being written already, and the caller must wait for the outcome to answer truthfully."""
+        if self.state == WRITING:
+            return False
+        self.state = ABANDONED
+        return True
+
+
+class MintOutcome(NamedTuple):
+    budgets: dict[BudgetKey, BudgetState]  # after the batch
+    accepted: int
+    refused: int
+    dropped: int                           # abandoned by their callers before anything was decided
+
+
+def minted_body(command: MintCommand) -> bytes:
+    """The 201 body of an accepted mint: the voucher, or {"vouchers": [...]} for a batch request."""
+    assert command.refusal is None and command.minted
+    if command.batch:
+        return _encoder.encode(BatchMintOut(vouchers=command.minted))
+    return _encoder.encode(command.minted[0])
+
+
+async def mint(ctx: Issuing, writers: Writers, actor: str, vouchers: list[MintIn], key: idempotency.Key | None, *,
+               batch: bool) -> idempotency.Answer:
+    """Mint one voucher, or a batch all or nothing, within its budgets and enterprise caps (201)."""
+    if key is not None and (stored := await idempotency.lookup(ctx.pool, key)) is not None:
+        return stored
+    # After the replay lookup: a retry of a mint whose expires_at has passed since still gets its first answer.
+    domain.check_expiries_ahead(vouchers, outbox.now(), batch=batch)
+    budgets = {(v.city, v.year) for v in vouchers}
+    writer_key = next(iter(budgets)) if len(budgets) == 1 else None
+    for _attempt in range(IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX):
+        command = await writers.submit(writer_key, MintCommand(vouchers=vouchers, actor=actor, key=key, batch=batch))
+        if command.refusal is not None:
+            raise command.refusal
+        if not command.replay:
+            return idempotency.Answer(201, minted_body(command))
+        assert key is not None
+        if (stored := await idempotency.lookup(ctx.pool, key)) is not None:
+            return stored
+        # The key's first use was refused (or abandoned) and released in the same batch: run this one for real.
+    raise ValidationFailed("the Idempotency-Key is being used by concurrent requests", field="Idempotency-Key")
+
+
+async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, topic: str) -> MintOutcome:
+    """Decide and write a writer's batch in the caller's transaction (see DESIGN.md, "The hot account").
+
+    Keys are claimed, budgets locked, commands whose callers went during the lock wait dropped, the rest decided in
+    arrival order (a refusal refuses only its command) and written: budgets, enterprise usage, vouchers, their
+    events and the stored answers of keyed commands.
+    """
+    assert conn.is_in_transaction()
+    assert all(c.state in (TAKEN, ABANDONED) for c in commands)
+    keyed = sorted((c for c in commands if c.key is not None), key=lambda c: (c.key.principal, c.key.key))
+    if keyed:
+        claimed = await idempotency.claim_many(conn, [c.key for c in keyed])
+        seen: set[tuple[str, str]] = set()
+        for c in keyed:
+            k = (c.key.principal, c.key.key)
+            if k not in claimed or k in seen:  # used before, or twice in this batch
+                c.replay = True
+            seen.add(k)
+    live = [c for c in commands if not c.replay]
+
+    keys = sorted({(v.city, v.year) for c in live for v in c.vouchers})
+    rows = await conn.fetch(store.LOCK_BUDGETS_SQL, [k[0] for k in keys], [k[1] for k in keys])
+    # The lock wait is where a batch spends its time. A caller that went meanwhile was told 503: its command is
+    # dropped here, before anything is decided; from here on, a caller that goes waits for the commit instead.
+    gone = [c for c in live if c.state == ABANDONED]
+    live = [c for c in live if c.state != ABANDONED]
+    for c in live:
+        c.state = WRITING
+    budgets = {(r["city"], r["year"]): store.budget_state(r) for r in rows}
+    before = {k: b.committed for k, b in budgets.items()}
+    # Enterprise usage of the budgets that exist (a command on a missing budget is refused before its cap counts).
+    ukeys = sorted({k for c in live for k in domain.usage_needs(c.vouchers) if k[:2] in budgets})
+    usage: dict[UsageKey, int] = {}
+    if ukeys:
+        usage = {(r["city"], r["year"], r["beneficiary"]): r["used"] for r in await conn.fetch(
+            store.LOCK_USAGE_SQL, [k[0] for k in ukeys], [k[1] for k in ukeys], [k[2] for k in ukeys])}
+    usage_before = dict(usage)
+    for c, refusal in zip(live, domain.decide(budgets, usage, [c.vouchers for c in live])):
+        c.refusal = refusal
+
+    deltas = {k: b.committed - before[k] for k, b in budgets.items() if b.committed != before[k]}
+    if deltas:
+        updated = await conn.fetch(store.COMMIT_BUDGETS_SQL, [k[0] for k in deltas], [k[1] for k in deltas],
+                                   list(deltas.values()))
+        assert len(updated) == len(deltas), "a budget row refused its update: committed would exceed amount"
+        for r in updated:
+            assert 0 <= r["committed"] <= r["amount"]
+            assert budgets[(r["city"], r["year"])].committed == r["committed"]
+    await _raise_usage(conn, budgets, usage, usage_before)
+
+    accepted = [c for c in live if c.refusal is None]
+    await _insert_vouchers(conn, accepted, budgets, topic)
+    done = [c for c in accepted if c.key is not None]
+    if done:
+        await idempotency.complete_many(conn, [(c.key, 201, minted_body(c)) for c in done])
+    # Refused and dropped commands change nothing, their keys included: release them so that a retry runs again.
+    released = [c.key for c in live if c.key is not None and c.refusal is not None]
+    released += [c.key for c in gone if c.key is not None]
+    if released:
+        await idempotency.release_many(conn, released)
+    return MintOutcome(budgets, len(accepted), len(live) - len(accepted), len(gone))
+
+
+async def _raise_usage(conn: asyncpg.Connection, budgets: dict[BudgetKey, BudgetState], usage: dict[UsageKey, int],
+                       before: dict[UsageKey, int]) -> None:
+    """Write the batch's enterprise usage: existing rows raised, new rows inserted, each within its cap."""
+    changed = sorted(k for k, used in usage.items() if used != before.get(k, 0))
+    for new_rows, sql in ((False, store.RAISE_USAGE_SQL), (True, store.INSERT_USAGE_SQL)):
+        ks = [k for k in changed if (k not in before) == new_rows]
+        if not ks:
+            continue
+        written = await conn.fetch(sql, [k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks],
+                                   [usage[k] - before.get(k, 0) for k in ks],
+                                   [budgets[k[:2]].enterprise_cap for k in ks])
+        assert len(written) == len(ks), "an enterprise usage row refused its update: the cap would be exceeded"
+        for r in written:
+            assert r["used"] == usage[(r["city"], r["year"], r["beneficiary"])]
+
+
+async def _insert_vouchers(conn: asyncpg.Connection, accepted: list[MintCommand],
+                           budgets: dict[BudgetKey, BudgetState], topic: str) -> None:
+    """The accepted commands' vouchers and their VoucherMinted events (one per voucher, keyed by its id)."""
+    now = outbox.now()
+    columns: list[list] = [[] for _ in range(9)]
+    events = []
+    for c in accepted:
+        for v in c.vouchers:
+            voucher_id = str(uuid.uuid4())
+            c.minted.append(Voucher(
+                voucher_id=voucher_id, city=v.city, year=v.year, beneficiary=v.beneficiary, kind=v.kind,
+                amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
+                expires_at=v.expires_at, status="active", created_at=now))
+            for column, value in zip(columns, (
+                    voucher_id, v.city, v.year, v.beneficiary, v.kind, v.amount, v.subsidy_ratio_bp,
+                    ",".join(v.providers) if v.providers else "", v.expires_at)):
+                column.append(value)
+            data = ev.VoucherMintedData(
+                voucher_id=voucher_id, city=v.city, year=v.year, beneficiary=v.beneficiary, kind=v.kind,
+                amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
+                expires_at=v.expires_at, created_at=now, year_end=budgets[(v.city, v.year)].year_end)
+            events.append((topic, voucher_id,
+                           outbox.envelope(ev.VoucherMinted, data, producer=PRODUCER, actor=c.actor, occurred_at=now)))
+    if events:
+        await conn.execute(store.INSERT_VOUCHERS_SQL, *columns, now)
+        await outbox.append(conn, events)
+
+
+async def read_voucher(pool: asyncpg.Pool, voucher_id: str) -> Voucher:
+    row = await pool.fetchrow(store.GET_VOUCHER_SQL, voucher_id)
+    if row is None:
+        raise NotFound(f"no voucher {voucher_id}")
+    return store.voucher_view(row)
+
+
+# --- revocation: the saga's first step (see `apply_redemption_events` for its last) --------------------------------
+
+async def revoke(ctx: Issuing, who: Principal, voucher_id: str, body: RevokeIn,
+                 key: idempotency.Key | None) -> idempotency.Answer:
+    """The issuer revokes a voucher of its city.
+
+    The voucher is marked revoked here at once and VoucherRevoked (returned 0: an intent) goes out. The redemption
+    service freezes the voucher when it consumes that event (no holds or redemptions after; open holds voided) and
+    announces the unspent balance as VoucherFrozen; this service then returns it to the budget. Revoking a revoked
+    voucher answers the same voucher again and changes nothing; an expired voucher cannot be revoked.
+    """
+    revoked: list[Voucher] = []
+
+    async def command(conn: asyncpg.Connection) -> tuple[int, Voucher]:
+        row = await conn.fetchrow(store.LOCK_VOUCHER_SQL, voucher_id)
+        if row is None:
+            raise NotFound(f"no voucher {voucher_id}")
+        require(who, "issuer", city=row["city"])
+        if not domain.revocable(voucher_id, row["status"]):
+            return 200, store.voucher_view(row)
+        now = outbox.now()
+        updated = await conn.fetchrow(store.REVOKE_VOUCHER_SQL, voucher_id, body.reason, now)
+        assert updated is not None and updated["status"] == "revoked"
+        data = ev.VoucherRevokedData(voucher_id=voucher_id, city=row["city"], year=row["year"], reason=body.reason,
+                                     returned=0)
+        await outbox.append(conn, [(ctx.topic, voucher_id, outbox.envelope(
+            ev.VoucherRevoked, data, producer=PRODUCER, actor=who.subject, occurred_at=now))])
+        view = store.voucher_view(updated)
+        revoked.append(view)
+        return 200, view
+
+    answer = await idempotency.run(ctx.pool, key, command)
+    if revoked:
+        ctx.wake_relay()
+        rule_metrics.revocations.labels(revoked[0].city, str(revoked[0].year)).inc()
+    return answer
+
+
+# --- consumed: value coming back from the redemption side ----------------------------------------------------------
+
+async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
+    """Consumer handler (the batch's transaction, fresh events only): the redemption side's end of a voucher.
+
+    VoucherFrozen (a revocation took effect, or a refund on a frozen voucher): `returned` goes back to the budget
+    and to the enterprise's cap. VoucherExpired: with "carry" the same; with "lapse" the value stays committed (it
+    lapsed, it is not available again). Each event applies exactly once (the consumer's processed_events), so the
+    amounts simply add up.
+    """
+    assert conn.is_in_transaction()
+    settlements = domain.settlements(d.event for d in delivered)
+    if not settlements:
+        return
+    homes = {r["voucher_id"]: r for r in await conn.fetch(store.HOMES_SQL, sorted(settlements))}
+    for voucher_id in sorted(set(settlements) - homes.keys()):
+        rule_metrics.unknown_vouchers.inc()
+        log.error("redemption event for a voucher this service never minted; skipped",
+                  extra={"voucher_id": voucher_id})
+    ids = sorted(homes)
+    if not ids:
+        return
+    to_budget: dict[BudgetKey, int] = defaultdict(int)
+    lapsed: dict[BudgetKey, int] = defaultdict(int)
+    to_usage: dict[UsageKey, int] = defaultdict(int)
+    for vid in ids:
+        h, s = homes[vid], settlements[vid]
+        to_budget[(h["city"], h["year"])] += s.returned
+        lapsed[(h["city"], h["year"])] += s.lapsed
+        to_usage[(h["city"], h["year"], h["beneficiary"])] += s.returned
+
+    # The service's lock order: budgets, enterprise usage, then the vouchers.
+    bkeys = sorted(to_budget)
+    await conn.fetch(store.LOCK_BUDGETS_SQL, [k[0] for k in bkeys], [k[1] for k in bkeys])
+    ukeys = sorted(to_usage)
+    await conn.fetch(store.LOCK_USAGE_SQL, [k[0] for k in ukeys], [k[1] for k in ukeys], [k[2] for k in ukeys])
+    await conn.fetch(store.LOCK_VOUCHERS_SQL, ids)
+
+    bkeys = [k for k in bkeys if to_budget[k]]
+    if bkeys:
+        updated = await conn.fetch(store.RETURN_TO_BUDGETS_SQL, [k[0] for k in bkeys], [k[1] for k in bkeys],
+                                   [to_budget[k] for k in bkeys])
+        assert len(updated) == len(bkeys), "more came back than a budget had committed"
+        for r in updated:
+            metrics.budget_available.labels(r["city"], str(r["year"])).set(r["amount"] - r["committed"])
+    ukeys = [k for k in ukeys if to_usage[k]]
+    if ukeys:
+        updated = await conn.fetch(store.RETURN_TO_USAGE_SQL, [k[0] for k in ukeys], [k[1] for k in ukeys],
+                                   [k[2] for k in ukeys], [to_usage[k] for k in ukeys])
+        assert len(updated) == len(ukeys), "more came back than an enterprise had used"
+    settled = await conn.fetch(store.SETTLE_VOUCHERS_SQL, ids, [settlements[i].returned for i in ids],
+                               [settlements[i].lapsed for i in ids], [settlements[i].frozen for i in ids],
+                               [settlements[i].expired for i in ids])
+    assert len(settled) == len(ids)
+    for r in settled:
+        assert r["returned"] + r["lapsed"] <= r["amount"], f"voucher {r['voucher_id']}: more came back than it held"
+    for (city, year), amount in to_budget.items():
+        if amount:
+            rule_metrics.value_returned.labels(city, str(year)).inc(amount)
+    for (city, year), amount in lapsed.items():
+        if amount:
+            rule_metrics.value_lapsed.labels(city, str(year)).inc(amount)
