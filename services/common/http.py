@@ -138,9 +138,6 @@ def answer(a: idempotency.Answer) -> web.Response:
                         headers={"Idempotent-Replayed": "true"} if a.replayed else None)
 
 
-async def run_command(pool: asyncpg.Pool, k: idempotency.Key | None, command) -> web.Response:
-    return answer(await idempotency.run(pool, k, command))
-
 
 # --- middlewares -----------------------------------------------------------------------------------------------------
 
