@@ -5,7 +5,7 @@ from typing import Literal
 
 import msgspec
 
-from .common import Amount, CityId, HoldTimeoutS, ProviderId, Timestamp, Total, Uuid, Year
+from .common import DEFAULT_PROGRAM, Amount, CityId, HoldTimeoutS, ProgramId, ProviderId, Timestamp, Total, Uuid, Year
 from .events import Invoice
 
 
@@ -46,6 +46,7 @@ class VoucherView(msgspec.Struct, kw_only=True):
     held: Total
     expires_at: Timestamp
     status: str
+    program: ProgramId = DEFAULT_PROGRAM  # the city's voucher scheme (the first release's vouchers: default)
 
 
 # --- holds (two-phase redemptions) -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import datetime as dt
 import pytest
 
 from schemas.events import Invoice
-from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX, SUBSIDY_RATIO_BP_MAX
+from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX, SUBSIDY_RATIO_BP_MAX, YEAR_MAX
 from services.common.errors import ServiceError
 from services.redemption import domain
 
@@ -234,6 +234,22 @@ def test_the_budgets_latest_year_end_policy_decides_where_expired_value_goes():
     assert domain.expiry_disposition(v, None) == "lapse"
     assert domain.expiry_disposition(v, "carry") == "carry"
     assert domain.expiry_disposition(voucher(year_end="carry"), None) == "carry"
+
+
+def test_a_voucher_of_the_last_year_lapses_even_under_carry_there_being_no_next_year_to_carry_into():
+    last = voucher(year=YEAR_MAX, year_end="carry")
+    assert domain.expiry_disposition(last, None) == "lapse"
+    assert domain.expiry_disposition(last, "carry") == "lapse"
+    assert domain.expiry_disposition(voucher(year=YEAR_MAX - 1, year_end="carry"), None) == "carry"
+    # A refund after its expiry follows the disposition it expired with: lapsed too.
+    expired = voucher(year=YEAR_MAX, year_end="carry", balance=0, redeemed=300, expired=700, status="expired",
+                      disposition=domain.expiry_disposition(last, "carry"))
+    assert domain.refund_route(expired, 50) == domain.RefundRoute("lapsed", 0, 0, 50)
+
+
+def test_a_voucher_belongs_to_the_default_program_unless_minted_under_another():
+    assert voucher().program == "default"
+    assert voucher(program="model").program == "model"
 
 
 # --- the invariant ---------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ async def redeem(svc: Service, key: idempotency.Key | None, body: RedemptionIn, 
                            invoice.number if invoice else None, invoice.amount if invoice else None, now, None)
         data = ev.VoucherRedeemedData(redemption_id=redemption_id, voucher_id=voucher.voucher_id, city=voucher.city,
                                       year=voucher.year, provider=provider, amount=body.amount,
-                                      balance=after.balance, invoice=invoice)
+                                      balance=after.balance, invoice=invoice, program=voucher.program)
         await outbox.append(conn, [_event(svc.topic, voucher.voucher_id, ev.VoucherRedeemed, data, actor, now)])
         effect.outcome, effect.amount = "ok", body.amount
         return Redemption(redemption_id=redemption_id, voucher_id=voucher.voucher_id, provider=provider,
@@ -234,7 +234,7 @@ async def place_hold(svc: Service, key: idempotency.Key | None, body: HoldIn, *,
             assert await conn.fetchval(ATTACH_INVOICE_SQL, provider, invoice.number, hold_id)
         data = ev.HoldPlacedData(hold_id=hold_id, voucher_id=voucher.voucher_id, city=voucher.city,
                                  year=voucher.year, provider=provider, amount=body.amount, expires_at=expires_at,
-                                 invoice=invoice)
+                                 invoice=invoice, program=voucher.program)
         await outbox.append(conn, [_event(svc.topic, voucher.voucher_id, ev.HoldPlaced, data, actor, now)])
         effect.outcome, effect.amount = "placed", body.amount
         return store.hold_view(hold, now)
@@ -274,7 +274,8 @@ async def capture_hold(svc: Service, key: idempotency.Key | None, hold_id: str, 
         data = ev.HoldCapturedData(hold_id=hold_id, voucher_id=voucher.voucher_id, city=voucher.city,
                                    year=voucher.year, provider=provider, captured=amount,
                                    released=hold.amount - amount, redemption_id=redemption_id,
-                                   invoice=store.invoice_of(hold_row["invoice_number"], hold_row["invoice_amount"]))
+                                   invoice=store.invoice_of(hold_row["invoice_number"], hold_row["invoice_amount"]),
+                                   program=voucher.program)
         await outbox.append(conn, [_event(svc.topic, voucher.voucher_id, ev.HoldCaptured, data, actor, now)])
         effect.outcome, effect.amount, effect.released = "captured", amount, hold.amount - amount
         return store.hold_view(captured, now)
@@ -320,7 +321,8 @@ async def _void_holds(conn: asyncpg.Connection, voucher: domain.VoucherState, ho
     for h in voided:
         out.append(_event(topic, voucher.voucher_id, ev.HoldVoided, ev.HoldVoidedData(
             hold_id=h["hold_id"], voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year,
-            provider=h["provider"], amount=h["amount"], reason=reason), actor, now))  # type: ignore[arg-type]
+            provider=h["provider"], amount=h["amount"], reason=reason,  # type: ignore[arg-type]
+            program=voucher.program), actor, now))
     return after
 
 
@@ -361,16 +363,17 @@ async def refund(svc: Service, key: idempotency.Key | None, redemption_id: str, 
                            route.returned_to, now)
         events = [_event(svc.topic, voucher.voucher_id, ev.RedemptionRefunded, ev.RedemptionRefundedData(
             refund_id=refund_id, redemption_id=redemption_id, voucher_id=voucher.voucher_id, city=voucher.city,
-            year=voucher.year, provider=provider, amount=body.amount), actor, now)]
+            year=voucher.year, provider=provider, amount=body.amount, program=voucher.program), actor, now)]
         if route.to_budget:
             events.append(_event(svc.topic, voucher.voucher_id, ev.VoucherFrozen, ev.VoucherFrozenData(
                 voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year, returned=route.to_budget,
-                refund_id=refund_id), actor, now))
+                refund_id=refund_id, program=voucher.program), actor, now))
         if route.to_expiry:
             assert voucher.disposition is not None
             events.append(_event(svc.topic, voucher.voucher_id, ev.VoucherExpired, ev.VoucherExpiredData(
                 voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year, amount=route.to_expiry,
-                disposition=voucher.disposition, refund_id=refund_id), actor, now))  # type: ignore[arg-type]
+                disposition=voucher.disposition, refund_id=refund_id,  # type: ignore[arg-type]
+                program=voucher.program), actor, now))
         await outbox.append(conn, events)
         effect.outcome, effect.amount = route.returned_to, body.amount
         return Refund(refund_id=refund_id, redemption_id=redemption_id, voucher_id=voucher.voucher_id,
@@ -404,7 +407,7 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
     assert conn.is_in_transaction()
     minted: dict[str, ev.VoucherMintedData] = {}
     whitelists: dict[str, ev.ProviderSet] = {}
-    policies: dict[tuple[str, int], ev.BudgetSet] = {}
+    policies: dict[tuple[str, str, int], ev.BudgetSet] = {}  # by (city, program, year)
     revocations: dict[str, ev.VoucherRevoked] = {}
     for d in delivered:
         match d.event:
@@ -416,9 +419,10 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
                 if latest is None or latest.occurred_at <= event.occurred_at:
                     whitelists[data.provider] = event
             case ev.BudgetSet(data=data) as event:
-                latest_budget = policies.get((data.city, data.year))
+                budget = (data.city, data.program, data.year)
+                latest_budget = policies.get(budget)
                 if latest_budget is None or latest_budget.occurred_at <= event.occurred_at:
-                    policies[(data.city, data.year)] = event
+                    policies[budget] = event
             case ev.VoucherRevoked(data=data) as event:
                 revocations.setdefault(data.voucher_id, event)
             case _:
@@ -429,7 +433,8 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
             INSERT_VOUCHERS_SQL, [m.voucher_id for m in rows], [m.city for m in rows], [m.year for m in rows],
             [m.beneficiary for m in rows], [m.kind for m in rows], [m.amount for m in rows],
             [m.subsidy_ratio_bp for m in rows], [store.joined(m.providers) for m in rows],
-            [m.expires_at for m in rows], [m.created_at for m in rows], [m.year_end for m in rows])
+            [m.expires_at for m in rows], [m.created_at for m in rows], [m.year_end for m in rows],
+            [m.program for m in rows])
     if whitelists:
         sets = [whitelists[k] for k in sorted(whitelists)]
         await conn.execute(
@@ -438,8 +443,8 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
     if policies:
         budgets = [policies[k] for k in sorted(policies)]
         await conn.execute(
-            UPSERT_POLICIES_SQL, [b.data.city for b in budgets], [b.data.year for b in budgets],
-            [b.data.year_end for b in budgets], [b.occurred_at for b in budgets])
+            UPSERT_POLICIES_SQL, [b.data.city for b in budgets], [b.data.program for b in budgets],
+            [b.data.year for b in budgets], [b.data.year_end for b in budgets], [b.occurred_at for b in budgets])
     batch = IssuingBatch()
     if revocations:
         out: list = []
@@ -480,8 +485,8 @@ async def _freeze(conn: asyncpg.Connection, revoked: ev.VoucherRevoked, *, topic
         return
     if voucher.status == "expired":  # expiry came first and already moved the value: the saga ends with nothing
         out.append(_event(topic, voucher.voucher_id, ev.VoucherFrozen, ev.VoucherFrozenData(
-            voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year, returned=0, reason=d.reason),
-            revoked.actor, now))
+            voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year, returned=0, reason=d.reason,
+            program=voucher.program), revoked.actor, now))
         batch.frozen.append((voucher.city, 0))
         return
     holds = await conn.fetch(LOCK_OPEN_HOLDS_SQL, voucher.voucher_id)
@@ -492,8 +497,8 @@ async def _freeze(conn: asyncpg.Connection, revoked: ev.VoucherRevoked, *, topic
     returned = voucher.balance
     assert frozen.status == "revoked" and frozen.returned == voucher.returned + returned
     out.append(_event(topic, voucher.voucher_id, ev.VoucherFrozen, ev.VoucherFrozenData(
-        voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year, returned=returned, reason=d.reason),
-        revoked.actor, now))
+        voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year, returned=returned, reason=d.reason,
+        program=voucher.program), revoked.actor, now))
     batch.frozen.append((voucher.city, returned))
 
 
@@ -557,7 +562,7 @@ async def expire_vouchers(svc: Service, now: dt.datetime) -> Swept:
             assert after.balance == 0 and after.expired == v.expired + v.balance
             out.append(_event(svc.topic, v.voucher_id, ev.VoucherExpired, ev.VoucherExpiredData(
                 voucher_id=v.voucher_id, city=v.city, year=v.year, amount=v.balance,
-                disposition=disposition), ACTOR_EXPIRY_SWEEPER, now))  # type: ignore[arg-type]
+                disposition=disposition, program=v.program), ACTOR_EXPIRY_SWEEPER, now))  # type: ignore[arg-type]
             swept.vouchers.append((v.city, disposition, v.balance))
         await outbox.append(conn, out)
     for city, disposition, amount in swept.vouchers:

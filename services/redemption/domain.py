@@ -13,8 +13,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from schemas.common import DEFAULT_PROGRAM
 from schemas.events import Invoice
-from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX, SUBSIDY_RATIO_BP_MAX
+from schemas.limits import OPEN_HOLDS_PER_VOUCHER_MAX, SUBSIDY_RATIO_BP_MAX, YEAR_MAX
 
 from services.common.errors import (
     Forbidden, HoldNotActive, InsufficientBalance, InvoiceAlreadySubsidised, ProviderNotEligible,
@@ -41,6 +42,7 @@ class VoucherState:
     returned: int = 0          # sent back to the budget by a revocation (and refunds after it)
     expired: int = 0           # left at expiry (and refunds after it), lapsed or carried
     year_end: str = "lapse"    # the budget's policy at mint
+    program: str = DEFAULT_PROGRAM  # the city's voucher scheme it was minted under; its budget is (city, program, year)
     disposition: str | None = None  # lapse | carry, once expired
 
 
@@ -221,9 +223,17 @@ def refund_route(v: VoucherState, amount: int) -> RefundRoute:
 # --- expiry ----------------------------------------------------------------------------------------------------------
 
 def expiry_disposition(v: VoucherState, budget_policy: str | None) -> str:
-    """The budget's latest year-end policy known here (BudgetSet), else the one the voucher was minted under."""
+    """The latest year-end policy known here (BudgetSet) of the voucher's budget, (city, program, year), else the one
+    the voucher was minted under.
+
+    "carry" sends the unspent value to the NEXT year's budget of the same program. A voucher of the last year there
+    is (YEAR_MAX) has no next year: no budget of YEAR_MAX + 1 can exist (every year is within YEAR_MIN..YEAR_MAX, in
+    events, the API and the tables), so its value lapses whatever the policy says rather than go nowhere.
+    """
     disposition = budget_policy or v.year_end
     assert disposition in ("lapse", "carry"), disposition
+    if v.year >= YEAR_MAX:
+        return "lapse"
     return disposition
 
 

@@ -24,12 +24,12 @@ LIST_SEPARATOR: Final = ","
 
 INSERT_VOUCHERS_SQL: Final = """
 INSERT INTO vouchers (voucher_id, city, year, beneficiary, kind, amount, balance, subsidy_ratio_bp, providers,
-                      expires_at, minted_at, year_end)
+                      expires_at, minted_at, year_end, program)
 SELECT v.id, v.city, v.year, v.beneficiary, v.kind, v.amount, v.amount, v.ratio,
-       string_to_array(v.providers, ','), v.expires_at, v.minted_at, v.year_end
+       string_to_array(v.providers, ','), v.expires_at, v.minted_at, v.year_end, v.program
 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[], $7::int[], $8::text[],
-            $9::timestamptz[], $10::timestamptz[], $11::text[])
-     AS v(id, city, year, beneficiary, kind, amount, ratio, providers, expires_at, minted_at, year_end)
+            $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[])
+     AS v(id, city, year, beneficiary, kind, amount, ratio, providers, expires_at, minted_at, year_end, program)
 ON CONFLICT (voucher_id) DO NOTHING"""
 UPSERT_PROVIDERS_SQL: Final = """
 INSERT INTO providers AS p (provider, name, cities, set_at)
@@ -38,16 +38,16 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS k(provider
 ON CONFLICT (provider) DO UPDATE SET name = EXCLUDED.name, cities = EXCLUDED.cities, set_at = EXCLUDED.set_at
     WHERE p.set_at <= EXCLUDED.set_at"""
 UPSERT_POLICIES_SQL: Final = """
-INSERT INTO budget_policies AS p (city, year, year_end, set_at)
-SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[])
-ON CONFLICT (city, year) DO UPDATE SET year_end = EXCLUDED.year_end, set_at = EXCLUDED.set_at
+INSERT INTO budget_policies AS p (city, program, year, year_end, set_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])
+ON CONFLICT (city, program, year) DO UPDATE SET year_end = EXCLUDED.year_end, set_at = EXCLUDED.set_at
     WHERE p.set_at <= EXCLUDED.set_at"""
 
 # --- vouchers and redemptions --------------------------------------------------------------------------------------
 
 _VOUCHER_FIELDS: Final = """
 v.voucher_id::text, v.city, v.year, v.amount, v.balance, v.held, v.redeemed, v.refunded, v.returned, v.expired,
-v.subsidy_ratio_bp, v.providers, v.expires_at, v.status, v.year_end, v.disposition"""
+v.subsidy_ratio_bp, v.providers, v.expires_at, v.status, v.year_end, v.disposition, v.program"""
 _VOUCHER_COLUMNS: Final = f"""
 SELECT {_VOUCHER_FIELDS},
        (SELECT p.cities FROM providers p WHERE p.provider = $2) AS provider_cities
@@ -153,7 +153,7 @@ ORDER BY v.voucher_id FOR UPDATE SKIP LOCKED"""
 # transaction, which settles them itself), so several replicas sweep side by side without blocking each other.
 LOCK_DUE_VOUCHERS_SQL: Final = f"""
 SELECT {_VOUCHER_FIELDS}, p.year_end AS budget_policy
-FROM vouchers v LEFT JOIN budget_policies p ON p.city = v.city AND p.year = v.year
+FROM vouchers v LEFT JOIN budget_policies p ON p.city = v.city AND p.program = v.program AND p.year = v.year
 WHERE v.status = 'active' AND v.expires_at <= $1 AND v.held = 0
 ORDER BY v.expires_at LIMIT $2
 FOR UPDATE OF v SKIP LOCKED"""
@@ -198,7 +198,7 @@ def voucher_state(row: asyncpg.Record | dict) -> domain.VoucherState:
         balance=row["balance"], held=row["held"], redeemed=row["redeemed"], refunded=row["refunded"],
         subsidy_ratio_bp=row["subsidy_ratio_bp"], providers=row["providers"], expires_at=row["expires_at"],
         status=row["status"], returned=row["returned"], expired=row["expired"], year_end=row["year_end"],
-        disposition=row["disposition"])
+        disposition=row["disposition"], program=row["program"])
     domain.assert_value_conserved(v)
     return v
 
@@ -213,7 +213,7 @@ def voucher_after(v: domain.VoucherState, row: asyncpg.Record | None) -> domain.
 
 def voucher_view(v: domain.VoucherState, now: dt.datetime) -> VoucherView:
     return VoucherView(voucher_id=v.voucher_id, city=v.city, amount=v.amount, balance=v.balance, held=v.held,
-                       expires_at=v.expires_at, status=domain.status_at(v, now))
+                       expires_at=v.expires_at, status=domain.status_at(v, now), program=v.program)
 
 
 def hold_state(row: asyncpg.Record) -> domain.HoldState:
