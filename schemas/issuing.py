@@ -80,7 +80,9 @@ class MintIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     beneficiary: Beneficiary
     amount: Amount
     expires_at: Timestamp
-    kind: VoucherKind = "compute"
+    # Absent: the program's kind. A kind that contradicts the program's is refused (422), except on the program
+    # `default`, which keeps the first release's meaning: the caller chose the kind per voucher (absent: compute).
+    kind: VoucherKind | None = None
     subsidy_ratio_bp: SubsidyRatioBp = 10_000
     providers: Annotated[list[ProviderId], Meta(min_length=1, max_length=PROVIDERS_PER_LIST_MAX)] | None = None
     program: ProgramId = DEFAULT_PROGRAM
@@ -103,15 +105,18 @@ class Voucher(msgspec.Struct, kw_only=True):
     expires_at: Timestamp
     status: str
     created_at: Timestamp
-    # Value that has come back to the city's budget from this voucher: its unspent balance when a revocation froze
-    # it (plus refunds made after that), or its unspent balance at expiry under year_end "carry".
+    # Value that has come back to the budget of the voucher's (city, program, year): its unspent balance when a
+    # revocation froze it (plus refunds made after that). Nothing else returns to that year's budget.
     returned: Total = 0
-    # Value that lapsed at expiry under year_end "lapse" (to lapsed:{city}:{year}).
+    # Value that lapsed at expiry under year_end "lapse" (to lapsed:{city}:{year}[:{program}]); it stays committed.
     lapsed: Total = 0
     revoked_reason: str | None = None
     # True from the revocation until the redemption service has frozen the voucher and `returned` is known.
     revocation_pending: bool = False
     program: ProgramId = DEFAULT_PROGRAM
+    # Value carried at expiry under year_end "carry" into the NEXT year's budget of the same program (its amount
+    # rose by it); like lapsed value, it stays committed in the voucher's own year.
+    carried: Total = 0
 
 
 class BatchMintOut(msgspec.Struct, kw_only=True):

@@ -25,6 +25,12 @@ DEMO_BUDGETS_FEN: Final = {
     "wuxi": ("无锡", 5_000_000_000),
     "qingyang": ("庆阳", 10_000_000_000),
 }
+# Programs besides each city's `default` (CONTRACT.md, "Programs"): (city, program) -> (program body, 2026 budget).
+DEMO_PROGRAMS: Final = {
+    ("beijing-yizhuang", "model"): ({"name": "模型券", "kind": "model"}, 10_000_000_000),
+    ("wuhan", "sme"): ({"name": "中小企业算力券", "kind": "compute",
+                       "eligible": {"sizes": ["micro", "small", "medium"]}}, 500_000_000),
+}
 DEMO_PROVIDERS: Final = {
     "aliyun": ("Alibaba Cloud", list(DEMO_BUDGETS_FEN)),
     "volcengine": ("Volcano Engine", list(DEMO_BUDGETS_FEN)),
@@ -58,7 +64,8 @@ def _put(url: str, token: str, body: dict) -> dict:
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
-    """Create the demo cities, budgets and providers of CONTRACT.md (idempotent) and write demo tokens."""
+    """Create the demo cities, programs, budgets and providers of CONTRACT.md (idempotent: PUTs of the same values
+    change nothing) and write demo tokens."""
     key = _token_key()
     admin = auth.issue(key, role="admin", ttl_s=DEMO_TOKEN_TTL_S)
     base = args.url.rstrip("/")
@@ -67,6 +74,10 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
             _put(f"{base}/v1/cities/{city}", admin, {"name": name, "currency": "CNY"})
             budget = _put(f"{base}/v1/cities/{city}/budgets/{DEMO_YEAR}", admin, {"amount": amount})
             print(f"budget {city} {DEMO_YEAR}: amount {budget['amount']} available {budget['available']}")
+        for (city, program), (body, amount) in DEMO_PROGRAMS.items():
+            _put(f"{base}/v1/cities/{city}/programs/{program}", admin, body)
+            budget = _put(f"{base}/v1/cities/{city}/programs/{program}/budgets/{DEMO_YEAR}", admin, {"amount": amount})
+            print(f"budget {city} {program} {DEMO_YEAR}: amount {budget['amount']} available {budget['available']}")
         for provider, (name, cities) in DEMO_PROVIDERS.items():
             _put(f"{base}/v1/providers/{provider}", admin, {"name": name, "cities": cities})
             print(f"provider {provider}: {', '.join(cities)}")

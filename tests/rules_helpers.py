@@ -165,11 +165,11 @@ async def local_invariants(w: World) -> None:
               OR v.redeemed - v.refunded + v.held > v.amount)""", city)
     assert not bad, [dict(r) for r in bad][:5]
     budgets = await db_fetch(w, """
-        SELECT b.year, b.amount, b.committed, b.enterprise_cap,
+        SELECT b.program, b.year, b.amount, b.committed, b.enterprise_cap,
                (SELECT coalesce(sum(u.used), 0) FROM issuing.enterprise_usage u
-                WHERE u.city = b.city AND u.year = b.year) AS used,
+                WHERE u.city = b.city AND u.program = b.program AND u.year = b.year) AS used,
                (SELECT coalesce(sum(v.amount - v.returned), 0) FROM issuing.vouchers v
-                WHERE v.city = b.city AND v.year = b.year) AS kept
+                WHERE v.city = b.city AND v.program = b.program AND v.year = b.year) AS kept
         FROM issuing.budgets b WHERE b.city = $1""", city)
     for b in budgets:
         assert 0 <= b["committed"] <= b["amount"], dict(b)
@@ -182,24 +182,29 @@ async def settled_views(w: World, voucher_ids: list[str]) -> None:
     city = w.city
     rows = {r["voucher_id"]: r for r in await db_fetch(w, """
         SELECT v.voucher_id::text, v.amount, v.balance, v.held, v.returned, v.expired, v.disposition, v.status,
-               i.returned AS i_returned, i.lapsed AS i_lapsed, i.status AS i_status, i.frozen
+               i.returned AS i_returned, i.lapsed AS i_lapsed, i.carried AS i_carried, i.status AS i_status, i.frozen,
+               i.program, i.year
         FROM redemption.vouchers v JOIN issuing.vouchers i USING (voucher_id) WHERE v.city = $1""", city)}
     assert set(voucher_ids) <= rows.keys()
     for r in rows.values():
+        # Carried value goes to the next year's budget (of the same program); only a revocation returns value to
+        # the voucher's own year.
         carried = r["expired"] if r["disposition"] == "carry" else 0
         lapsed = r["expired"] if r["disposition"] == "lapse" else 0
-        assert (r["i_returned"], r["i_lapsed"]) == (r["returned"] + carried, lapsed), dict(r)
+        assert (r["i_returned"], r["i_lapsed"], r["i_carried"]) == (r["returned"], lapsed, carried), dict(r)
         assert r["status"] != "revoked" or (r["i_status"] == "revoked" and r["frozen"]), dict(r)
     budget = await w.budget()
     rep = await report(w)
     assert rep is not None
     assert await account(w, f"budget:{city}:{w.year}") == budget["available"] == rep["available"]
-    lapsed_total = sum(r["expired"] for r in rows.values() if r["disposition"] == "lapse")
+    # The world's budget: the program `default` of its year (tests/test_programs.py checks the other programs).
+    mine = [r for r in rows.values() if r["program"] == "default" and r["year"] == w.year]
+    lapsed_total = sum(r["expired"] for r in mine if r["disposition"] == "lapse")
     assert await account(w, f"lapsed:{city}:{w.year}") == lapsed_total
-    assert rep["issued"] == sum(r["amount"] for r in rows.values())
-    assert rep["revoked"] == sum(r["returned"] for r in rows.values())
-    assert rep["expired"] == sum(r["expired"] for r in rows.values())
-    assert rep["outstanding"] == sum(r["balance"] + r["held"] for r in rows.values())
+    assert rep["issued"] == sum(r["amount"] for r in mine)
+    assert rep["revoked"] == sum(r["returned"] for r in mine)
+    assert rep["expired"] == sum(r["expired"] for r in mine)
+    assert rep["outstanding"] == sum(r["balance"] + r["held"] for r in mine)
     for vid in voucher_ids:
         r = rows[vid]
         assert await account(w, f"voucher:{vid}") == r["balance"], vid

@@ -1,5 +1,6 @@
 """Expiry and year end: a voucher past expires_at refuses redemptions; the sweeper expires it (after its open holds
-are settled) and its unspent value lapses, or with year_end "carry" returns to the budget."""
+are settled) and its unspent value lapses, or with year_end "carry" raises the next year's budget (never the year that
+lapsed: tests/test_programs.py follows a carry across the year boundary)."""
 from __future__ import annotations
 
 import asyncio
@@ -40,14 +41,14 @@ async def test_unspent_value_lapses_at_expiry(world_factory):
     assert (rep["expired"], rep["outstanding"], rep["available"]) == (700, 0, 9000)
 
 
-async def test_with_year_end_carry_unspent_value_returns_to_the_budget(world_factory):
+async def test_with_year_end_carry_unspent_value_goes_to_the_next_years_budget(world_factory):
     w = await world_factory(10_000, year_end="carry")
     v = await mint_ready(w, 1000, expires_at=soon(1.5))
     vid = v["voucher_id"]
     assert (await redeem(w, vid, 250)).status == 201
     view = await wait_expired(w, vid)
-    assert (view["returned"], view["lapsed"]) == (750, 0)
-    assert (await w.budget())["available"] == 10_000 - 250
+    assert (view["returned"], view["lapsed"], view["carried"]) == (0, 0, 750)
+    assert (await w.budget())["available"] == 10_000 - 1000
     await settle(w, [vid])
     assert await account(w, f"lapsed:{w.city}:{w.year}") == 0
     assert (await report(w))["expired"] == 750
@@ -65,7 +66,7 @@ async def test_a_policy_changed_after_minting_applies_at_expiry(world_factory, a
         return rows and rows[0]["year_end"] == "carry"
     await eventually(policy_known)
     view = await wait_expired(w, v["voucher_id"])
-    assert (view["returned"], view["lapsed"]) == (600, 0)
+    assert (view["returned"], view["lapsed"], view["carried"]) == (0, 0, 600)
     await settle(w, [v["voucher_id"]])
 
 
@@ -94,7 +95,7 @@ async def test_a_hold_timing_out_after_its_voucher_expired_lets_it_expire(world_
     await asyncio.sleep(1.5)
     assert (await issuing_view(w, vid))["status"] == "active"
     view = await wait_expired(w, vid)
-    assert view["returned"] == 1000
+    assert view["carried"] == 1000
     got = await get_hold(w, h["hold_id"])
     assert (got["status"], got["reason"]) == ("expired", "expired")
     await settle(w, [vid])

@@ -78,6 +78,14 @@ class ProviderNotEligible(ServiceError):
     status, code, title = 403, "provider_not_eligible", "The provider may not redeem this voucher"
 
 
+class BeneficiaryNotEligible(ServiceError):
+    status, code, title = 403, "beneficiary_not_eligible", "The beneficiary is not eligible for this program"
+
+
+class Conflict(ServiceError):
+    status, code, title = 409, "conflict", "The change conflicts with the resource's current state"
+
+
 class SubsidyRatioExceeded(ServiceError):
     status, code, title = 409, "subsidy_ratio_exceeded", "The amount exceeds the voucher's share of the invoice"
 

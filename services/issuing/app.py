@@ -11,14 +11,15 @@ from typing import Final
 import asyncpg
 from aiohttp import web
 
-from schemas.common import CityId, ProviderId, Uuid, Year
+from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, ProviderId, Uuid, Year
 from schemas.issuing import (
-    BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
+    BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Program, ProgramIn, Provider, ProviderIn,
+    RevokeIn, Voucher,
 )
 
 from services.common import db, http, idempotency, kafka, outbox, tasks
 from services.common.auth import require
-from services.common.consumer import Consumer
+from services.common.consumer import Consumer, Delivered
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
@@ -34,7 +35,7 @@ WRITERS: Final = web.AppKey("writers", Writers)
 CONSUMER_GROUP: Final = "issuing"  # reads the redemption topic: what revocations and expiries gave back
 
 
-# --- cities, budgets, providers ------------------------------------------------------------------------------------
+# --- cities, programs, budgets, providers ------------------------------------------------------------------------------------
 
 async def put_city(request: web.Request) -> web.Response:
     who = principal(request)
@@ -44,20 +45,56 @@ async def put_city(request: web.Request) -> web.Response:
     return http.answer(await commands.set_city(request.app[COMMANDS], who.subject, city, body))
 
 
-async def put_budget(request: web.Request) -> web.Response:
+async def put_program(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "admin")
     city = param(request, "city", CityId)
+    program = param(request, "program", ProgramId)
+    body = http.decode(await http.read_body(request), ProgramIn)
+    return http.answer(await commands.set_program(request.app[COMMANDS], who.subject, city, program, body))
+
+
+async def get_program(request: web.Request) -> web.Response:
+    city = param(request, "city", CityId)
+    require(principal(request), "admin", "issuer", "auditor", city=city)
+    program = param(request, "program", ProgramId)
+    return json_response(await commands.read_program(request.app[POOL], city, program))
+
+
+async def _put_budget(request: web.Request, *, of_program: bool) -> web.Response:
+    who = principal(request)
+    require(who, "admin")
+    city = param(request, "city", CityId)
+    program = param(request, "program", ProgramId) if of_program else DEFAULT_PROGRAM
     year = param(request, "year", Year)
     body = http.decode(await http.read_body(request), BudgetIn)
-    return http.answer(await commands.set_budget(request.app[COMMANDS], who.subject, city, year, body))
+    return http.answer(await commands.set_budget(request.app[COMMANDS], who.subject, city, year, body,
+                                                 program=program))
+
+
+async def _get_budget(request: web.Request, *, of_program: bool) -> web.Response:
+    city = param(request, "city", CityId)
+    require(principal(request), "admin", "issuer", "auditor", city=city)
+    program = param(request, "program", ProgramId) if of_program else DEFAULT_PROGRAM
+    year = param(request, "year", Year)
+    return json_response(await commands.read_budget(request.app[POOL], city, year, program=program))
+
+
+async def put_budget(request: web.Request) -> web.Response:
+    """The first release's city budget: the program `default`'s."""
+    return await _put_budget(request, of_program=False)
 
 
 async def get_budget(request: web.Request) -> web.Response:
-    city = param(request, "city", CityId)
-    require(principal(request), "admin", "issuer", "auditor", city=city)
-    year = param(request, "year", Year)
-    return json_response(await commands.read_budget(request.app[POOL], city, year))
+    return await _get_budget(request, of_program=False)
+
+
+async def put_program_budget(request: web.Request) -> web.Response:
+    return await _put_budget(request, of_program=True)
+
+
+async def get_program_budget(request: web.Request) -> web.Response:
+    return await _get_budget(request, of_program=True)
 
 
 async def put_provider(request: web.Request) -> web.Response:
@@ -114,10 +151,23 @@ async def revoke(request: web.Request) -> web.Response:
 ROUTES: Final = [
     Route("PUT", "/v1/cities/{city}", put_city, "Create or update a city", ("admin",), CityIn, City,
           params={"city": CityId}),
-    Route("PUT", "/v1/cities/{city}/budgets/{year}", put_budget, "Set a city's annual budget", ("admin",), BudgetIn,
+    Route("PUT", "/v1/cities/{city}/budgets/{year}", put_budget,
+          "Set a city's annual budget (its program `default`)", ("admin",), BudgetIn,
           Budget, params={"city": CityId, "year": Year}),
-    Route("GET", "/v1/cities/{city}/budgets/{year}", get_budget, "A budget with committed and available",
+    Route("GET", "/v1/cities/{city}/budgets/{year}", get_budget,
+          "A budget with committed and available (the program `default`)",
           ("admin", "issuer", "auditor"), None, Budget, params={"city": CityId, "year": Year}),
+    Route("PUT", "/v1/cities/{city}/programs/{program}", put_program,
+          "Create or change a voucher program (scheme) of a city: its kind and who it is for", ("admin",),
+          ProgramIn, Program, params={"city": CityId, "program": ProgramId}),
+    Route("GET", "/v1/cities/{city}/programs/{program}", get_program, "A program of a city",
+          ("admin", "issuer", "auditor"), None, Program, params={"city": CityId, "program": ProgramId}),
+    Route("PUT", "/v1/cities/{city}/programs/{program}/budgets/{year}", put_program_budget,
+          "Set a program's annual budget", ("admin",), BudgetIn, Budget,
+          params={"city": CityId, "program": ProgramId, "year": Year}),
+    Route("GET", "/v1/cities/{city}/programs/{program}/budgets/{year}", get_program_budget,
+          "A program's budget with committed and available", ("admin", "issuer", "auditor"), None, Budget,
+          params={"city": CityId, "program": ProgramId, "year": Year}),
     Route("PUT", "/v1/providers/{provider}", put_provider, "Whitelist a compute provider for cities", ("admin",),
           ProviderIn, Provider, params={"provider": ProviderId}),
     Route("POST", "/v1/vouchers", mint, "Mint a voucher within the budget", ("issuer",), MintIn, Voucher, 201),
@@ -142,8 +192,12 @@ def create_app(settings: Settings) -> web.Application:
         await db.migrate(pool, SCHEMA, MIGRATIONS)
         relay = outbox.Relay(settings, SCHEMA)
         writers = Writers(pool, topic=settings.topic_issuing, on_commit=relay.wake)
+
+        async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
+            await commands.apply_redemption_events(conn, delivered, topic=settings.topic_issuing)
+
         consumer = Consumer(settings, pool, topics=[settings.topic_redemption], group=CONSUMER_GROUP,
-                            handler=commands.apply_redemption_events)
+                            handler=apply_redemption_events)
         app[POOL], app[WRITERS] = pool, writers
         app[COMMANDS] = commands.Issuing(pool, settings.topic_issuing, relay.wake)
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")

@@ -2,8 +2,10 @@
 
 Each command locks what it changes, runs the domain checks (`domain.py`) in their documented order, writes, appends
 its events to the outbox in the same transaction and returns its answer. No HTTP here: the edge (`app.py`) parses,
-authorises, calls one command and responds. Lock order, for every transaction of this service: budgets (sorted) →
-enterprise_usage (sorted) → vouchers (sorted), so that the mint writers and the consumer never wait in a cycle.
+authorises, calls one command and responds. Lock order, for every transaction of this service: cities (sorted) →
+budgets (sorted by city, program, year) → enterprise_usage (sorted) → vouchers (sorted), so that the admin's
+commands, the mint writers and the consumer never wait in a cycle. City-keyed events (CitySet, ProgramSet,
+BudgetSet, BudgetCarried) are written under their city row's lock, so their outbox order is their commit order.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import asyncpg
 import msgspec
 
 from schemas import events as ev
+from schemas.common import DEFAULT_PROGRAM
 from schemas.issuing import (
-    BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Provider, ProviderIn, RevokeIn, Voucher,
+    BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Program, ProgramIn, Provider, ProviderIn, RevokeIn, Voucher,
 )
 from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX
 
@@ -29,7 +32,7 @@ from services.common.consumer import Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
 
 from . import domain, rule_metrics, store
-from .domain import BudgetKey, BudgetState, UsageKey
+from .domain import BudgetKey, BudgetState, ProgramKey, ProgramState, UsageKey
 
 if TYPE_CHECKING:
     from .writer import Writers
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cvl.issuing")
 
 PRODUCER: Final = "issuing"
+ACTOR_CARRY: Final = "system:year-end-carry"  # BudgetCarried: emitted on a consumed VoucherExpired
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -53,9 +57,11 @@ class Issuing:
 # --- cities, budgets, providers ------------------------------------------------------------------------------------
 
 async def set_city(ctx: Issuing, actor: str, city: str, body: CityIn) -> idempotency.Answer:
-    """Create or rename a city; CitySet goes out only when something changed."""
+    """Create or rename a city; CitySet goes out only when something changed. A new city has its program `default`
+    (kind compute, the first release's city budget) from the start; CitySet stands for it (no ProgramSet)."""
     async def command(conn: asyncpg.Connection) -> tuple[int, City]:
         if await conn.fetchval(store.UPSERT_CITY_SQL, city, body.name, body.currency):
+            await conn.execute(store.INSERT_DEFAULT_PROGRAM_SQL, city)
             data = ev.CitySetData(city=city, name=body.name, currency=body.currency)
             await outbox.append(conn, [(ctx.topic, city, outbox.envelope(
                 ev.CitySet, data, producer=PRODUCER, actor=actor))])
@@ -66,40 +72,86 @@ async def set_city(ctx: Issuing, actor: str, city: str, body: CityIn) -> idempot
     return answer
 
 
-async def set_budget(ctx: Issuing, actor: str, city: str, year: int, body: BudgetIn) -> idempotency.Answer:
-    """Set a city's annual budget: never below what is committed; BudgetSet goes out only when something changed."""
-    wanted = BudgetState(body.amount, 0, body.enterprise_cap, body.year_end)
+async def _lock_city(conn: asyncpg.Connection, city: str) -> None:
+    """Lock the city row first: every city-keyed event is written under it, so its outbox order is commit order."""
+    if await conn.fetchval(store.LOCK_CITY_SQL, city) is None:
+        raise NotFound(f"no city {city}; create it with PUT /v1/cities/{city}")
 
-    async def command(conn: asyncpg.Connection) -> tuple[int, Budget]:
-        # Lock the city row first: every city-keyed event is written under it, so its outbox order is commit order.
-        if await conn.fetchval(store.LOCK_CITY_SQL, city) is None:
-            raise NotFound(f"no city {city}; create it with PUT /v1/cities/{city}")
-        inserted = await conn.fetchrow(store.INSERT_BUDGET_SQL, city, year, body.amount, body.enterprise_cap,
-                                       body.year_end)
-        current = None if inserted is not None else store.budget_state(
-            await conn.fetchrow(store.LOCK_BUDGET_SQL, city, year))
-        if domain.budget_changes(city, year, current, wanted):
-            previous, committed = (0, 0) if current is None else (current.amount, current.committed)
-            if current is not None:
-                updated = await conn.fetchrow(store.UPDATE_BUDGET_SQL, city, year, body.amount, body.enterprise_cap,
-                                              body.year_end)
-                assert updated is not None and updated["committed"] <= updated["amount"]
-            data = ev.BudgetSetData(city=city, year=year, amount=body.amount, previous_amount=previous,
-                                    delta=body.amount - previous, committed=committed,
-                                    enterprise_cap=body.enterprise_cap, year_end=body.year_end)
+
+async def set_program(ctx: Issuing, actor: str, city: str, program: str, body: ProgramIn) -> idempotency.Answer:
+    """Create or change a program (voucher scheme) of a city; ProgramSet goes out only when something changed. Its
+    kind is fixed once it has minted a voucher (409 conflict)."""
+    wanted = ProgramState(name=body.name, kind=body.kind, eligible=body.eligible)
+
+    async def command(conn: asyncpg.Connection) -> tuple[int, Program]:
+        await _lock_city(conn, city)
+        row = await conn.fetchrow(store.GET_PROGRAM_SQL, city, program)
+        current = store.program_state(row)
+        minted = False
+        if current is not None and current.kind != wanted.kind:
+            await conn.fetch(store.LOCK_PROGRAM_BUDGETS_SQL, city, program)
+            minted = await conn.fetchval(store.PROGRAM_MINTED_SQL, city, program)
+        if domain.program_changes(city, program, current, wanted, minted=minted):
+            row = await conn.fetchrow(store.UPSERT_PROGRAM_SQL, city, program, body.name, body.kind,
+                                      store.eligibility_json(body.eligible))
+            data = ev.ProgramSetData(city=city, program=program, name=body.name, kind=body.kind,
+                                     eligible=body.eligible)
             await outbox.append(conn, [(ctx.topic, city, outbox.envelope(
-                ev.BudgetSet, data, producer=PRODUCER, actor=actor))])
-        return 200, store.budget_view(await conn.fetchrow(store.GET_BUDGET_SQL, city, year))
+                ev.ProgramSet, data, producer=PRODUCER, actor=actor))])
+        assert row is not None
+        return 200, store.program_view(row)
 
     answer = await idempotency.run(ctx.pool, None, command)
     ctx.wake_relay()
     return answer
 
 
-async def read_budget(pool: asyncpg.Pool, city: str, year: int) -> Budget:
-    row = await pool.fetchrow(store.GET_BUDGET_SQL, city, year)
+async def read_program(pool: asyncpg.Pool, city: str, program: str) -> Program:
+    row = await pool.fetchrow(store.GET_PROGRAM_SQL, city, program)
     if row is None:
-        raise NotFound(f"city {city} has no budget for {year}")
+        raise NotFound(f"city {city} has no program {program}")
+    return store.program_view(row)
+
+
+async def set_budget(ctx: Issuing, actor: str, city: str, year: int, body: BudgetIn, *,
+                     program: str = DEFAULT_PROGRAM) -> idempotency.Answer:
+    """Set a program's annual budget (the city's budget: program `default`): never below what is committed;
+    BudgetSet goes out only when something changed."""
+    wanted = BudgetState(body.amount, 0, body.enterprise_cap, body.year_end)
+
+    async def command(conn: asyncpg.Connection) -> tuple[int, Budget]:
+        await _lock_city(conn, city)
+        if await conn.fetchrow(store.GET_PROGRAM_SQL, city, program) is None:
+            raise NotFound(f"city {city} has no program {program}; create it with "
+                           f"PUT /v1/cities/{city}/programs/{program}")
+        inserted = await conn.fetchrow(store.INSERT_BUDGET_SQL, city, program, year, body.amount,
+                                       body.enterprise_cap, body.year_end)
+        current = None if inserted is not None else store.budget_state(
+            await conn.fetchrow(store.LOCK_BUDGET_SQL, city, program, year))
+        if domain.budget_changes(city, year, current, wanted, program=program):
+            previous, committed = (0, 0) if current is None else (current.amount, current.committed)
+            if current is not None:
+                updated = await conn.fetchrow(store.UPDATE_BUDGET_SQL, city, program, year, body.amount,
+                                              body.enterprise_cap, body.year_end)
+                assert updated is not None and updated["committed"] <= updated["amount"]
+            data = ev.BudgetSetData(city=city, year=year, amount=body.amount, previous_amount=previous,
+                                    delta=body.amount - previous, committed=committed,
+                                    enterprise_cap=body.enterprise_cap, year_end=body.year_end, program=program)
+            await outbox.append(conn, [(ctx.topic, city, outbox.envelope(
+                ev.BudgetSet, data, producer=PRODUCER, actor=actor))])
+        return 200, store.budget_view(await conn.fetchrow(store.GET_BUDGET_SQL, city, program, year))
+
+    answer = await idempotency.run(ctx.pool, None, command)
+    ctx.wake_relay()
+    return answer
+
+
+async def read_budget(pool: asyncpg.Pool, city: str, year: int, *, program: str = DEFAULT_PROGRAM) -> Budget:
+    row = await pool.fetchrow(store.GET_BUDGET_SQL, city, program, year)
+    if row is None:
+        if program == DEFAULT_PROGRAM:
+            raise NotFound(f"city {city} has no budget for {year}")
+        raise NotFound(f"program {program} of city {city} has no budget for {year}")
     budget = store.budget_view(row)
     assert budget.committed + budget.available == budget.amount
     return budget
@@ -170,12 +222,13 @@ def minted_body(command: MintCommand) -> bytes:
 
 async def mint(ctx: Issuing, writers: Writers, actor: str, vouchers: list[MintIn], key: idempotency.Key | None, *,
                batch: bool) -> idempotency.Answer:
-    """Mint one voucher, or a batch all or nothing, within its budgets and enterprise caps (201)."""
+    """Mint one voucher, or a batch all or nothing (possibly across programs), within its programs' rules, budgets
+    and enterprise caps (201). One budget: that budget's writer; several: a transaction of its own."""
     if key is not None and (stored := await idempotency.lookup(ctx.pool, key)) is not None:
         return stored
     # After the replay lookup: a retry of a mint whose expires_at has passed since still gets its first answer.
     domain.check_expiries_ahead(vouchers, outbox.now(), batch=batch)
-    budgets = {(v.city, v.year) for v in vouchers}
+    budgets = {BudgetKey(v.city, v.program, v.year) for v in vouchers}
     writer_key = next(iter(budgets)) if len(budgets) == 1 else None
     for _attempt in range(IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX):
         command = await writers.submit(writer_key, MintCommand(vouchers=vouchers, actor=actor, key=key, batch=batch))
@@ -194,8 +247,9 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
     """Decide and write a writer's batch in the caller's transaction (see DESIGN.md, "The hot account").
 
     Keys are claimed, budgets locked, commands whose callers went during the lock wait dropped, the rest decided in
-    arrival order (a refusal refuses only its command) and written: budgets, enterprise usage, vouchers, their
-    events and the stored answers of keyed commands.
+    arrival order (a refusal refuses only its command): first their programs' rules (program known, kind,
+    eligibility), then budgets and caps; and written: budgets, enterprise usage, vouchers, their events and the
+    stored answers of keyed commands.
     """
     assert conn.is_in_transaction()
     assert all(c.state in (TAKEN, ABANDONED) for c in commands)
@@ -210,38 +264,49 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
             seen.add(k)
     live = [c for c in commands if not c.replay]
 
-    keys = sorted({(v.city, v.year) for c in live for v in c.vouchers})
-    rows = await conn.fetch(store.LOCK_BUDGETS_SQL, [k[0] for k in keys], [k[1] for k in keys])
+    keys = sorted({BudgetKey(v.city, v.program, v.year) for c in live for v in c.vouchers})
+    rows = await conn.fetch(store.LOCK_BUDGETS_SQL, *_columns(keys, 3))
     # The lock wait is where a batch spends its time. A caller that went meanwhile was told 503: its command is
     # dropped here, before anything is decided; from here on, a caller that goes waits for the commit instead.
     gone = [c for c in live if c.state == ABANDONED]
     live = [c for c in live if c.state != ABANDONED]
     for c in live:
         c.state = WRITING
-    budgets = {(r["city"], r["year"]): store.budget_state(r) for r in rows}
+    budgets = {store.budget_key(r): store.budget_state(r) for r in rows}
     before = {k: b.committed for k, b in budgets.items()}
+    # The programs' rules, read under the budget locks (a kind change waits for them: store.GET_PROGRAMS_SQL).
+    pkeys = sorted({(k.city, k.program) for k in keys})
+    programs: dict[ProgramKey, ProgramState] = {}
+    if pkeys:
+        programs = {(r["city"], r["program"]): store.program_state(r) for r in await conn.fetch(  # type: ignore
+            store.GET_PROGRAMS_SQL, *_columns(pkeys, 2))}
+    for c in live:
+        try:
+            domain.check_programs(programs, c.vouchers, batch=c.batch)
+        except ServiceError as refusal:
+            c.refusal = refusal
+    deciding = [c for c in live if c.refusal is None]
     # Enterprise usage of the budgets that exist (a command on a missing budget is refused before its cap counts).
-    ukeys = sorted({k for c in live for k in domain.usage_needs(c.vouchers) if k[:2] in budgets})
+    ukeys = sorted({k for c in deciding for k in domain.usage_needs(c.vouchers) if k.budget in budgets})
     usage: dict[UsageKey, int] = {}
     if ukeys:
-        usage = {(r["city"], r["year"], r["beneficiary"]): r["used"] for r in await conn.fetch(
-            store.LOCK_USAGE_SQL, [k[0] for k in ukeys], [k[1] for k in ukeys], [k[2] for k in ukeys])}
+        usage = {UsageKey(r["city"], r["program"], r["year"], r["beneficiary"]): r["used"]
+                 for r in await conn.fetch(store.LOCK_USAGE_SQL, *_columns(ukeys, 4))}
     usage_before = dict(usage)
-    for c, refusal in zip(live, domain.decide(budgets, usage, [c.vouchers for c in live])):
+    for c, refusal in zip(deciding, domain.decide(budgets, usage, [c.vouchers for c in deciding])):
         c.refusal = refusal
 
     deltas = {k: b.committed - before[k] for k, b in budgets.items() if b.committed != before[k]}
     if deltas:
-        updated = await conn.fetch(store.COMMIT_BUDGETS_SQL, [k[0] for k in deltas], [k[1] for k in deltas],
-                                   list(deltas.values()))
+        updated = await conn.fetch(store.COMMIT_BUDGETS_SQL, *_columns(list(deltas), 3), list(deltas.values()))
         assert len(updated) == len(deltas), "a budget row refused its update: committed would exceed amount"
         for r in updated:
             assert 0 <= r["committed"] <= r["amount"]
-            assert budgets[(r["city"], r["year"])].committed == r["committed"]
+            assert budgets[store.budget_key(r)].committed == r["committed"]
     await _raise_usage(conn, budgets, usage, usage_before)
 
     accepted = [c for c in live if c.refusal is None]
-    await _insert_vouchers(conn, accepted, budgets, topic)
+    await _insert_vouchers(conn, accepted, budgets, programs, topic)
     done = [c for c in accepted if c.key is not None]
     if done:
         await idempotency.complete_many(conn, [(c.key, 201, minted_body(c)) for c in done])
@@ -253,6 +318,11 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
     return MintOutcome(budgets, len(accepted), len(live) - len(accepted), len(gone))
 
 
+def _columns(keys: list, width: int) -> list[list]:
+    """Keys (tuples) as the parallel arrays an unnest() statement takes: their first `width` fields."""
+    return [[k[i] for k in keys] for i in range(width)]
+
+
 async def _raise_usage(conn: asyncpg.Connection, budgets: dict[BudgetKey, BudgetState], usage: dict[UsageKey, int],
                        before: dict[UsageKey, int]) -> None:
     """Write the batch's enterprise usage: existing rows raised, new rows inserted, each within its cap."""
@@ -261,35 +331,37 @@ async def _raise_usage(conn: asyncpg.Connection, budgets: dict[BudgetKey, Budget
         ks = [k for k in changed if (k not in before) == new_rows]
         if not ks:
             continue
-        written = await conn.fetch(sql, [k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks],
-                                   [usage[k] - before.get(k, 0) for k in ks],
-                                   [budgets[k[:2]].enterprise_cap for k in ks])
+        written = await conn.fetch(sql, *_columns(ks, 4), [usage[k] - before.get(k, 0) for k in ks],
+                                   [budgets[k.budget].enterprise_cap for k in ks])
         assert len(written) == len(ks), "an enterprise usage row refused its update: the cap would be exceeded"
         for r in written:
-            assert r["used"] == usage[(r["city"], r["year"], r["beneficiary"])]
+            assert r["used"] == usage[UsageKey(r["city"], r["program"], r["year"], r["beneficiary"])]
 
 
 async def _insert_vouchers(conn: asyncpg.Connection, accepted: list[MintCommand],
-                           budgets: dict[BudgetKey, BudgetState], topic: str) -> None:
+                           budgets: dict[BudgetKey, BudgetState], programs: dict[ProgramKey, ProgramState],
+                           topic: str) -> None:
     """The accepted commands' vouchers and their VoucherMinted events (one per voucher, keyed by its id)."""
     now = outbox.now()
-    columns: list[list] = [[] for _ in range(9)]
+    columns: list[list] = [[] for _ in range(10)]
     events = []
     for c in accepted:
         for v in c.vouchers:
             voucher_id = str(uuid.uuid4())
+            kind = domain.voucher_kind(v, programs[(v.city, v.program)])
             c.minted.append(Voucher(
-                voucher_id=voucher_id, city=v.city, year=v.year, beneficiary=v.beneficiary, kind=v.kind,
+                voucher_id=voucher_id, city=v.city, year=v.year, beneficiary=v.beneficiary, kind=kind,  # type: ignore
                 amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
-                expires_at=v.expires_at, status="active", created_at=now))
+                expires_at=v.expires_at, status="active", created_at=now, program=v.program))
             for column, value in zip(columns, (
-                    voucher_id, v.city, v.year, v.beneficiary, v.kind, v.amount, v.subsidy_ratio_bp,
+                    voucher_id, v.city, v.program, v.year, v.beneficiary, kind, v.amount, v.subsidy_ratio_bp,
                     ",".join(v.providers) if v.providers else "", v.expires_at)):
                 column.append(value)
             data = ev.VoucherMintedData(
-                voucher_id=voucher_id, city=v.city, year=v.year, beneficiary=v.beneficiary, kind=v.kind,
+                voucher_id=voucher_id, city=v.city, year=v.year, beneficiary=v.beneficiary, kind=kind,  # type: ignore
                 amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
-                expires_at=v.expires_at, created_at=now, year_end=budgets[(v.city, v.year)].year_end)
+                expires_at=v.expires_at, created_at=now,
+                year_end=budgets[BudgetKey(v.city, v.program, v.year)].year_end, program=v.program)
             events.append((topic, voucher_id,
                            outbox.envelope(ev.VoucherMinted, data, producer=PRODUCER, actor=c.actor, occurred_at=now)))
     if events:
@@ -344,12 +416,15 @@ async def revoke(ctx: Issuing, who: Principal, voucher_id: str, body: RevokeIn,
 
 # --- consumed: value coming back from the redemption side ----------------------------------------------------------
 
-async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
+async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Delivered], *, topic: str) -> None:
     """Consumer handler (the batch's transaction, fresh events only): the redemption side's end of a voucher.
 
-    VoucherFrozen (a revocation took effect, or a refund on a frozen voucher): `returned` goes back to the budget
-    and to the enterprise's cap. VoucherExpired: with "carry" the same; with "lapse" the value stays committed (it
-    lapsed, it is not available again). Each event applies exactly once (the consumer's processed_events), so the
+    VoucherFrozen (a revocation took effect, or a refund on a frozen voucher): `returned` goes back to the budget of
+    the voucher's (city, program, year) and to the enterprise's cap. VoucherExpired with "lapse": the value stays
+    committed (it lapsed, it is not available again). VoucherExpired with "carry": the value stays committed in its
+    year too (and in the enterprise's usage), and raises the amount of the NEXT year's budget of the same program,
+    created if absent (cap and year end copied from the expiring year's), announced as BudgetCarried (city-keyed,
+    written under the city row's lock). Each event applies exactly once (the consumer's processed_events), so the
     amounts simply add up.
     """
     assert conn.is_in_transaction()
@@ -367,40 +442,88 @@ async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Deli
     to_budget: dict[BudgetKey, int] = defaultdict(int)
     lapsed: dict[BudgetKey, int] = defaultdict(int)
     to_usage: dict[UsageKey, int] = defaultdict(int)
+    carried: list[tuple[str, BudgetKey, int]] = []  # (voucher, its budget, value), in voucher order
     for vid in ids:
         h, s = homes[vid], settlements[vid]
-        to_budget[(h["city"], h["year"])] += s.returned
-        lapsed[(h["city"], h["year"])] += s.lapsed
-        to_usage[(h["city"], h["year"], h["beneficiary"])] += s.returned
+        key = BudgetKey(h["city"], h["program"], h["year"])
+        to_budget[key] += s.returned
+        lapsed[key] += s.lapsed
+        to_usage[UsageKey(key.city, key.program, key.year, h["beneficiary"])] += s.returned
+        if s.carried:
+            carried.append((vid, key, s.carried))
 
-    # The service's lock order: budgets, enterprise usage, then the vouchers.
-    bkeys = sorted(to_budget)
-    await conn.fetch(store.LOCK_BUDGETS_SQL, [k[0] for k in bkeys], [k[1] for k in bkeys])
+    # The service's lock order: cities (for the city-keyed BudgetCarried), budgets, enterprise usage, vouchers.
+    targets = sorted({domain.next_year(source) for _, source, _ in carried})
+    if carried:
+        await conn.fetch(store.LOCK_CITIES_SQL, sorted({k.city for k in targets}))
+        await _create_carry_targets(conn, targets, sorted({source for _, source, _ in carried}))
+    bkeys = sorted(set(to_budget) | set(targets))
+    locked = {store.budget_key(r): store.budget_state(r)
+              for r in await conn.fetch(store.LOCK_BUDGETS_SQL, *_columns(bkeys, 3))}
     ukeys = sorted(to_usage)
-    await conn.fetch(store.LOCK_USAGE_SQL, [k[0] for k in ukeys], [k[1] for k in ukeys], [k[2] for k in ukeys])
+    await conn.fetch(store.LOCK_USAGE_SQL, *_columns(ukeys, 4))
     await conn.fetch(store.LOCK_VOUCHERS_SQL, ids)
 
-    bkeys = [k for k in bkeys if to_budget[k]]
+    bkeys = [k for k in sorted(to_budget) if to_budget[k]]
     if bkeys:
-        updated = await conn.fetch(store.RETURN_TO_BUDGETS_SQL, [k[0] for k in bkeys], [k[1] for k in bkeys],
-                                   [to_budget[k] for k in bkeys])
+        updated = await conn.fetch(store.RETURN_TO_BUDGETS_SQL, *_columns(bkeys, 3), [to_budget[k] for k in bkeys])
         assert len(updated) == len(bkeys), "more came back than a budget had committed"
         for r in updated:
-            metrics.budget_available.labels(r["city"], str(r["year"])).set(r["amount"] - r["committed"])
+            locked[store.budget_key(r)].committed = r["committed"]
+            _budget_gauges(store.budget_key(r), r["amount"] - r["committed"])
+    steps = domain.carry(locked, carried)
+    if steps:
+        raised: dict[BudgetKey, int] = defaultdict(int)
+        for step in steps:
+            raised[step.target] += step.amount
+        rkeys = sorted(raised)
+        updated = await conn.fetch(store.CARRY_INTO_BUDGETS_SQL, *_columns(rkeys, 3), [raised[k] for k in rkeys])
+        assert len(updated) == len(rkeys), "a carry found no next year's budget"
+        for r in updated:
+            assert locked[store.budget_key(r)].amount == r["amount"]
+            _budget_gauges(store.budget_key(r), r["amount"] - r["committed"])
+        await outbox.append(conn, [(topic, step.target.city, outbox.envelope(
+            ev.BudgetCarried, ev.BudgetCarriedData(
+                city=step.target.city, program=step.target.program, year=step.target.year,
+                from_year=step.source.year, voucher_id=step.voucher_id, amount=step.amount,
+                budget_amount=step.budget_amount, budget_committed=step.budget_committed),
+            producer=PRODUCER, actor=ACTOR_CARRY)) for step in steps])
     ukeys = [k for k in ukeys if to_usage[k]]
     if ukeys:
-        updated = await conn.fetch(store.RETURN_TO_USAGE_SQL, [k[0] for k in ukeys], [k[1] for k in ukeys],
-                                   [k[2] for k in ukeys], [to_usage[k] for k in ukeys])
+        updated = await conn.fetch(store.RETURN_TO_USAGE_SQL, *_columns(ukeys, 4), [to_usage[k] for k in ukeys])
         assert len(updated) == len(ukeys), "more came back than an enterprise had used"
     settled = await conn.fetch(store.SETTLE_VOUCHERS_SQL, ids, [settlements[i].returned for i in ids],
-                               [settlements[i].lapsed for i in ids], [settlements[i].frozen for i in ids],
-                               [settlements[i].expired for i in ids])
+                               [settlements[i].lapsed for i in ids], [settlements[i].carried for i in ids],
+                               [settlements[i].frozen for i in ids], [settlements[i].expired for i in ids])
     assert len(settled) == len(ids)
     for r in settled:
-        assert r["returned"] + r["lapsed"] <= r["amount"], f"voucher {r['voucher_id']}: more came back than it held"
-    for (city, year), amount in to_budget.items():
+        assert r["returned"] + r["lapsed"] + r["carried"] <= r["amount"], \
+            f"voucher {r['voucher_id']}: more came back than it held"
+    for key, amount in to_budget.items():
         if amount:
-            rule_metrics.value_returned.labels(city, str(year)).inc(amount)
-    for (city, year), amount in lapsed.items():
+            rule_metrics.value_returned.labels(key.city, str(key.year)).inc(amount)
+    for key, amount in lapsed.items():
         if amount:
-            rule_metrics.value_lapsed.labels(city, str(year)).inc(amount)
+            rule_metrics.value_lapsed.labels(key.city, str(key.year)).inc(amount)
+    for _, source, amount in carried:
+        rule_metrics.value_carried.labels(source.city, str(source.year)).inc(amount)
+
+
+async def _create_carry_targets(conn: asyncpg.Connection, targets: list[BudgetKey], sources: list[BudgetKey]) -> None:
+    """Create the next years' budgets a carry raises that do not exist yet (under their city rows' locks, as
+    set_budget creates budgets): amount 0 before the carries, cap and year end of the year carried from."""
+    existing = {store.budget_key(r): store.budget_state(r)
+                for r in await conn.fetch(store.GET_BUDGETS_SQL, *_columns(sorted({*targets, *sources}), 3))}
+    missing = [(t, domain.carried_budget(existing[s])) for s in sources
+               if (t := domain.next_year(s)) not in existing]
+    if missing:
+        created = await conn.fetch(store.INSERT_BUDGETS_SQL, *_columns([t for t, _ in missing], 3),
+                                   [b.amount for _, b in missing], [b.enterprise_cap for _, b in missing],
+                                   [b.year_end for _, b in missing])
+        assert len(created) == len(missing), "a budget appeared while its city row was locked"
+
+
+def _budget_gauges(key: BudgetKey, available: int) -> None:
+    rule_metrics.program_budget_available.labels(key.city, key.program, str(key.year)).set(available)
+    if key.program == DEFAULT_PROGRAM:
+        metrics.budget_available.labels(key.city, str(key.year)).set(available)

@@ -1,4 +1,5 @@
-"""One writer task per (city, year) in each process: it batches concurrent mint commands into one transaction.
+"""One writer task per budget (city, program, year) in each process: it batches concurrent mint commands into one
+transaction.
 
 While a transaction is in flight, new commands queue up; the writer then takes everything queued (up to
 MINT_BATCH_MAX vouchers) into the next transaction (`commands.write_mints`). At low load a command waits for no one;
@@ -19,10 +20,12 @@ from collections.abc import Callable
 
 import asyncpg
 
+from schemas.common import DEFAULT_PROGRAM
 from services.common import metrics
 from services.common.errors import RateLimited, Unavailable
 from schemas.limits import MINT_BATCH_MAX, MINT_QUEUE_MAX, PG_COMMAND_TIMEOUT_S, WRITER_IDLE_S
 
+from . import rule_metrics
 from .commands import ABANDONED, TAKEN, MintCommand, write_mints
 from .domain import BudgetKey
 
@@ -57,11 +60,13 @@ class Writers:
             queue = self._queues.get(key)
             if queue is None:
                 queue = self._queues[key] = asyncio.Queue(MINT_QUEUE_MAX)
-                self._tasks[key] = asyncio.create_task(self._run(key, queue), name=f"writer-{key[0]}-{key[1]}")
+                self._tasks[key] = asyncio.create_task(self._run(key, queue),
+                                                       name="writer-" + "-".join(map(str, key)))
             try:
                 queue.put_nowait((command, future))
             except asyncio.QueueFull as exc:
-                raise RateLimited(f"{MINT_QUEUE_MAX} mint commands are already waiting for {key[0]} {key[1]}") from exc
+                raise RateLimited(f"{MINT_QUEUE_MAX} mint commands are already waiting for "
+                                  f"{' '.join(map(str, key))}") from exc
         return await _outcome(command, future)
 
     async def _run(self, key: BudgetKey, queue: asyncio.Queue) -> None:
@@ -127,9 +132,11 @@ class Writers:
             return
         self.on_commit()
         metrics.mint_batch_size.observe(len(commands) - outcome.dropped)
-        for (city, year), budget in outcome.budgets.items():
-            metrics.budget_available.labels(city, str(year)).set(budget.available)
-        minted: dict[BudgetKey, list[int]] = {}
+        for key, budget in outcome.budgets.items():
+            rule_metrics.program_budget_available.labels(key.city, key.program, str(key.year)).set(budget.available)
+            if key.program == DEFAULT_PROGRAM:  # the first release's gauge: the city budget
+                metrics.budget_available.labels(key.city, str(key.year)).set(budget.available)
+        minted: dict[tuple[str, int], list[int]] = {}  # per (city, year), over its programs
         for command, future in batch:
             if command.state == ABANDONED:  # dropped under the locks: its caller was told 503, nothing was written
                 future.cancel()
