@@ -23,7 +23,7 @@ help:
 	@echo "make up     - infra + services + demo seed"
 	@echo "make down   - stop services, Kafka and PostgreSQL"
 	@echo "make test   - infra + pytest (PYTEST_ARGS=... passed through)"
-	@echo "make bench  - infra + load benchmark (python -m load.bench)"
+	@echo "make bench  - infra + load benchmark (python -m load.bench; BENCH_ARGS=--quick for a smoke run)"
 
 venv: $(STAMP)
 
@@ -54,6 +54,8 @@ test: venv infra
 	$(LOAD_ENV) && $(VENV)/bin/pytest -q tests $(PYTEST_ARGS)
 
 # wrk (Debian) drives the single-mint phase: a C load generator leaves the services most of the two cores.
+# pgbench (with Debian's postgresql, /usr/lib/postgresql/<ver>/bin) runs the naive baseline first.
+# BENCH_ARGS=--quick: every phase shortened, a smoke run of about a minute (its figures are not results).
 bench: venv infra
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null || \
 		echo "wrk not installed: the single-mint phase uses the Python client only"
