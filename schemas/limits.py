@@ -44,6 +44,7 @@ IDEMPOTENCY_SWEEP_INTERVAL_S: Final = 600
 IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX: Final = 3  # a mint retried while its key's first use is being refused
 TOKEN_LENGTH_MAX: Final = 4096
 TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
+TOKEN_CACHE_MAX: Final = 10_000            # verified tokens kept per process (until they expire)
 READY_CHECK_TIMEOUT_S: Final = 2.0
 RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
 LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted (bursts of a load test)
@@ -75,6 +76,7 @@ OUTBOX_STATS_INTERVAL_S: Final = 1.0       # how often the relay refreshes its p
 CONSUMER_BATCH_MAX: Final = 2000           # events one consumer transaction applies
 CONSUMER_POLL_MS: Final = 200
 CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects
+CONSUMER_LAG_INTERVAL_S: Final = 1.0       # how often a consumer refreshes its lag gauges
 
 # --- shutdown (drain) ------------------------------------------------------------------------------------------------
 SHUTDOWN_TIMEOUT_S: Final = 20.0           # in-flight requests finish within this
@@ -89,12 +91,17 @@ SWEEP_RETRY_S: Final = 2.0                 # pause after a failed sweep
 OPEN_HOLDS_PER_VOUCHER_MAX: Final = 1000   # open holds on one voucher (a revocation voids them in one transaction)
 STATEMENT_LINES_MAX: Final = 10_000        # redemptions (and, separately, refunds) one statement lists
 
+# --- redeeming (the redemption writer: group commit of POST /v1/redemptions) -----------------------------------------
+REDEMPTION_BATCH_MAX: Final = 500          # redemption commands one writer transaction decides and commits
+REDEMPTION_QUEUE_MAX: Final = 20_000       # redemption commands waiting for the process's writer before 429
+
 # --- the ledger ------------------------------------------------------------------------------------------------------
 ENTRIES_LIMIT_MAX: Final = 1000            # entries one GET /v1/entries returns at most
 ENTRIES_LIMIT_DEFAULT: Final = 100
 CHECKPOINTS_LIMIT_MAX: Final = 1000        # checkpoints one GET /v1/checkpoints returns at most
 CHECKPOINTS_LIMIT_DEFAULT: Final = 100
 CHECKPOINT_INTERVAL_S: Final = 0.5         # a signing round this often: a new checkpoint within a second of growth
+LEDGER_COPY_ENTRIES_MIN: Final = 64        # a journal batch this big COPYs its entries and postings (else one statement)
 LOG_STATUS_REFRESH_S: Final = 1.0          # every replica's gauges follow appends and checkpoints made by the others
 PAGE_ENTRIES: Final = 20                   # the most recent entries on the auditor's page
 PAGE_REPORTS_MAX: Final = 1000             # (city, year) rows on the auditor's page

@@ -204,6 +204,163 @@ def test_proofs_read_only_log_n_stored_subtrees():
             assert len(merkle.consistency_subtrees(first, size)) <= bound, (first, size)
 
 
+# --- the tree as stored: C2SP tlog-tiles (height 8) ------------------------------------------------------------------
+
+def tiled_tree(leaf_hashes: list[bytes], batches: list[int]) -> dict[tuple[int, int], bytes]:
+    """The tiles the service would store, grown batch by batch as commands.journal grows them (reading only the
+    old tree's right edge)."""
+    tiles: dict[tuple[int, int], bytes] = {}
+    size = 0
+    for n in batches:
+        edge = {t: tiles[t] for t in merkle.edge_tiles(size)}
+        for tile in merkle.grow_tiles(size, leaf_hashes[size:size + n], edge):
+            old = tiles.get((tile.level, tile.index), b"")
+            assert tile.hashes.startswith(old) and len(tile.hashes) > len(old), "a tile only ever grows"
+            tiles[(tile.level, tile.index)] = tile.hashes
+        size += n
+    assert size == len(leaf_hashes)
+    return tiles
+
+
+def tile_get(tiles: dict[tuple[int, int], bytes], needed: list[merkle.Subtree]) -> merkle.SubtreeHash:
+    """As queries.subtree_getter: only the tiles holding `needed` are given to the getter."""
+    return merkle.tile_getter({t: tiles[t] for t in merkle.tiles_of(needed)})
+
+
+def check_tiles_hold_the_tree(tiles: dict[tuple[int, int], bytes], size: int) -> None:
+    for (level, index), hashes in tiles.items():
+        assert len(hashes) == merkle.tile_width(size, level, index) * merkle.HASH_SIZE, (level, index)
+    assert {t for t in tiles if len(tiles[t]) < merkle.TILE_WIDTH * merkle.HASH_SIZE} == set(merkle.edge_tiles(size))
+
+
+def test_tiles_grown_in_uneven_batches_give_every_root_and_proof_of_the_rfc():
+    leaf_hashes = [merkle.leaf_hash(i.to_bytes(3, "big")) for i in range(1100)]
+    ref = RefTree(leaf_hashes)
+    nodes = stored_tree(leaf_hashes)
+    tiles = tiled_tree(leaf_hashes, [1, 2, 5, 1, 13, 8, 32, 8, 186, 255, 1, 256, 300, 32])
+    check_tiles_hold_the_tree(tiles, 1100)
+    assert {level for level, _ in tiles} == {0, 1} and len(tiles) == 5 + 1
+    for size in range(1, 1101):
+        assert merkle.root(size, tile_get(tiles, merkle.root_subtrees(size))) == ref.mth(0, size), size
+        for s in merkle.root_subtrees(size):
+            assert tile_get(tiles, [s])(*s) == nodes[s], (size, s)
+    rng = random.Random(5)
+    for size in [*range(250, 270), 511, 512, 513, 767, 768, 1024, 1025, 1100, *rng.sample(range(1, 1101), 40)]:
+        for index in {0, size - 1, *rng.sample(range(size), min(size, 8))}:
+            needed = merkle.inclusion_subtrees(index, size)
+            get = tile_get(tiles, needed)
+            assert merkle.inclusion_proof(index, size, get) == ref.inclusion(index, size), (index, size)
+            assert get(0, index) == leaf_hashes[index]
+        for first in {1, size, *rng.sample(range(1, size + 1), min(size, 8))}:
+            get = tile_get(tiles, merkle.consistency_subtrees(first, size))
+            assert merkle.consistency_proof(first, size, get) == ref.consistency(first, size), (first, size)
+
+
+def test_tiles_reach_the_third_tile_level_and_proofs_read_log_n_tiles():
+    n = 256 * 256 + 300
+    leaf_hashes = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    ref = RefTree(leaf_hashes)
+    batches = [2000] * (n // 2000) + [n % 2000]
+    tiles = tiled_tree(leaf_hashes, batches)
+    check_tiles_hold_the_tree(tiles, n)
+    assert (2, 0) in tiles and len(tiles[(2, 0)]) == merkle.HASH_SIZE
+    for size in (65535, 65536, 65537, 65536 + 256, n - 1, n):
+        assert merkle.root(size, tile_get(tiles, merkle.root_subtrees(size))) == ref.mth(0, size), size
+        for index in (0, 255, 256, 65535, size - 1):
+            if index < size:
+                get = tile_get(tiles, merkle.inclusion_subtrees(index, size))
+                assert merkle.inclusion_proof(index, size, get) == ref.inclusion(index, size), (index, size)
+        for first in (1, 256, 300, 65535, 65536, size):
+            if first <= size:
+                get = tile_get(tiles, merkle.consistency_subtrees(first, size))
+                assert merkle.consistency_proof(first, size, get) == ref.consistency(first, size), (first, size)
+    for size in (1, 1000, 2**20 + 12345, 10**9 + 7, 2**62 + 3):
+        bound = 2 * (size.bit_length() // merkle.TILE_HEIGHT + 1)
+        for index in {0, size // 3, size - 1}:
+            assert len(merkle.tiles_of(merkle.inclusion_subtrees(index, size))) <= bound, (index, size)
+        assert len(merkle.edge_tiles(size)) <= size.bit_length() // merkle.TILE_HEIGHT + 1
+
+
+async def test_a_ledger_with_entries_moves_its_tree_into_tiles_and_keeps_growing_it():
+    """Migration 004 on a ledger journaled before it (its tree as one row per complete subtree, built by 002), then
+    appends through commands.journal, small batches (one statement) and big ones (COPY): every root and sampled
+    proof is the RFC's over the journal's leaves, and a tile that disagrees with the journal's size fails a batch."""
+    import datetime as dt
+    import secrets
+    import uuid
+
+    from schemas import events as ev
+    from services.common import db
+    from services.common.consumer import Delivered
+    from services.ledger import app as ledger_app, commands, queries
+    from services.stack import infra_env
+
+    admin_dsn = infra_env()["CVL_PG_DSN"]
+    name = f"cvl_tiles_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(admin_dsn.rsplit("/", 1)[0] + "/" + name, server_settings={"search_path": "ledger"})
+    try:
+        await conn.execute("CREATE SCHEMA ledger")
+        for path in sorted(db.COMMON_MIGRATIONS.glob("*.sql")):
+            await conn.execute(path.read_text())
+        ledger_migrations = sorted(ledger_app.MIGRATIONS.glob("*.sql"))
+        assert [p.name for p in ledger_migrations][:4] == ["001_init.sql", "002_merkle_log.sql", "003_programs.sql",
+                                                            "004_merkle_tiles.sql"]
+        await conn.execute(ledger_migrations[0].read_text())
+        before = 256 * 3 + 77        # journaled before the tree existed; 002 builds it, 004 moves it into tiles
+        await conn.execute("""
+            INSERT INTO journal (index, event_id, type, occurred_at, leaf)
+            SELECT i, gen_random_uuid(), 'CitySet', now(), convert_to('leaf ' || i, 'UTF8')
+            FROM generate_series(0, $1 - 1) AS i""", before)
+        await conn.execute("UPDATE log_head SET size = $1", before)
+        for path in ledger_migrations[1:]:
+            await conn.execute(path.read_text())
+        assert await conn.fetchval("SELECT to_regclass('merkle_nodes')") is None
+
+        now = dt.datetime.now(dt.timezone.utc)
+
+        def minted() -> Delivered:
+            event = ev.VoucherMinted(
+                event_id=str(uuid.uuid4()), occurred_at=now, producer="issuing", actor="test",
+                data=ev.VoucherMintedData(voucher_id=str(uuid.uuid4()), city="wuxi", year=2026, beneficiary="acme",
+                                          kind="compute", amount=7, subsidy_ratio_bp=10000, providers=None,
+                                          expires_at=now + dt.timedelta(days=30), created_at=now))
+            return Delivered("t", 0, 0, event)
+        for n in (1, 7, 180, 64, 63, 500, 2):    # below and above LEDGER_COPY_ENTRIES_MIN
+            async with conn.transaction():
+                journaled = await commands.journal(conn, [minted() for _ in range(n)])
+                assert len(journaled.entries) == n
+        size = before + 817
+        assert journaled.size == size
+        leaves = [bytes(r["leaf"]) for r in await conn.fetch("SELECT leaf FROM journal ORDER BY index")]
+        assert len(leaves) == size
+        ref = RefTree([ref_leaf(leaf) for leaf in leaves])
+        rng = random.Random(9)
+        for m in sorted({1, 255, 256, 257, before - 1, before, before + 1, size, *rng.sample(range(1, size), 30)}):
+            get = await queries.subtree_getter(conn, merkle.root_subtrees(m))
+            assert merkle.root(m, get) == ref.mth(0, m), m
+            index = rng.randrange(m)
+            get = await queries.subtree_getter(conn, merkle.inclusion_subtrees(index, m))
+            assert merkle.inclusion_proof(index, m, get) == ref.inclusion(index, m), (index, m)
+            get = await queries.subtree_getter(conn, merkle.consistency_subtrees(m, size))
+            assert merkle.consistency_proof(m, size, get) == ref.consistency(m, size), m
+        tiles = {(r["level"], r["index"]): bytes(r["hashes"]) for r in await conn.fetch("SELECT * FROM merkle_tiles")}
+        check_tiles_hold_the_tree(tiles, size)
+        assert await conn.fetchval("SELECT sum(debits) = sum(credits) FROM accounts")
+        # A tile that does not hold what the journal's size says fails the next batch rather than fork the tree.
+        await conn.execute("UPDATE merkle_tiles SET hashes = substring(hashes FROM 1 FOR length(hashes) - 32) "
+                           "WHERE level = 0 AND index = $1", size // 256)
+        with pytest.raises(queries.MissingSubtree):
+            async with conn.transaction():
+                await commands.journal(conn, [minted()])
+        assert await conn.fetchval("SELECT size FROM log_head") == size
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 # --- signed notes, checked with code of this test's own --------------------------------------------------------------
 
 def parse_verifier_key(text: str) -> tuple[str, bytes, Ed25519PublicKey]:
@@ -507,12 +664,17 @@ async def test_the_signer_refuses_a_tree_that_does_not_extend_the_last_checkpoin
         await mint_many(api, w, 2)
         size = await journaled(api, w, 5)
         assert size > signed
-        # The largest subtree of the signed tree: the new root or the consistency proof reads it.
+        # The largest subtree of the signed tree: the new root or the consistency proof reads it. It is stored in
+        # a tile (C2SP tlog-tiles): its first hash there is changed.
         victim = merkle.root_subtrees(signed)[0]
-        original = await tamper.fetchval("SELECT hash FROM ledger.merkle_nodes WHERE level = $1 AND index = $2",
-                                         victim.level, victim.index)
-        await tamper.execute("UPDATE ledger.merkle_nodes SET hash = sha256(hash) WHERE level = $1 AND index = $2",
-                             victim.level, victim.index)
+        tile_level, tile_index, first, _ = merkle.tile_position(victim.level, victim.index)
+        at = first * merkle.HASH_SIZE + 1
+        original = await tamper.fetchval(
+            "SELECT substring(hashes FROM $3 FOR 32) FROM ledger.merkle_tiles WHERE level = $1 AND index = $2",
+            tile_level, tile_index, at)
+        await tamper.execute(
+            "UPDATE ledger.merkle_tiles SET hashes = overlay(hashes PLACING sha256($4::bytea) FROM $3 FOR 32) "
+            "WHERE level = $1 AND index = $2", tile_level, tile_index, at, original)
         await hold.rollback()
 
         async def refused():
@@ -520,8 +682,9 @@ async def test_the_signer_refuses_a_tree_that_does_not_extend_the_last_checkpoin
         await eventually(refused, timeout_s=10)
         assert await tamper.fetchval("SELECT max(tree_size) FROM ledger.checkpoints") == signed, "nothing signed"
         # Repaired, signing resumes, and the next checkpoint is consistent with the last.
-        await tamper.execute("UPDATE ledger.merkle_nodes SET hash = $3 WHERE level = $1 AND index = $2",
-                             victim.level, victim.index, original)
+        await tamper.execute(
+            "UPDATE ledger.merkle_tiles SET hashes = overlay(hashes PLACING $4::bytea FROM $3 FOR 32) "
+            "WHERE level = $1 AND index = $2", tile_level, tile_index, at, original)
     finally:
         await tamper.close()
         await locker.close()

@@ -10,7 +10,7 @@ from typing import Final, Literal
 import msgspec
 
 from .errors import Forbidden, Unauthorized
-from schemas.limits import TOKEN_LENGTH_MAX
+from schemas.limits import TOKEN_CACHE_MAX, TOKEN_LENGTH_MAX
 
 Role = Literal["admin", "issuer", "provider", "auditor"]
 ROLES: Final = ("admin", "issuer", "provider", "auditor")
@@ -57,7 +57,26 @@ def issue(key: bytes, *, role: Role, city: str | None = None, provider: str | No
     return (signing_input + b"." + _b64(signature)).decode()
 
 
+# Tokens already verified, by (signing key, raw header): a client sends the same token with every request, and a
+# verified token stays valid until its `exp`, which is checked again on every use. Bounded: the oldest entry goes first.
+_verified: dict[tuple[bytes, str], Principal] = {}
+
+
 def verify(key: bytes, authorization: str | None) -> Principal:
+    cached = _verified.get((key, authorization)) if authorization else None  # type: ignore[arg-type]
+    if cached is not None:
+        if cached.exp < time.time():
+            _verified.pop((key, authorization), None)  # type: ignore[arg-type]
+            raise Unauthorized("the bearer token has expired")
+        return cached
+    principal = _verify(key, authorization)
+    if len(_verified) >= TOKEN_CACHE_MAX:
+        del _verified[next(iter(_verified))]
+    _verified[(key, authorization)] = principal  # type: ignore[index]
+    return principal
+
+
+def _verify(key: bytes, authorization: str | None) -> Principal:
     if not authorization or not authorization.startswith("Bearer "):
         raise Unauthorized("an Authorization: Bearer token is required")
     token = authorization[7:].strip().encode()

@@ -2,12 +2,16 @@
 
 Delivery is at least once; the `processed_events` primary key makes application exactly once. Offsets are committed
 to Kafka only after the database commit, so a crash between the two redelivers events that are then skipped.
+
+A consumer claims only the events its handler acts on (`wants`): the others are neither recorded nor handed over, and
+a batch holding none of them costs no database transaction at all (its offsets are still committed).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -20,7 +24,7 @@ from schemas.events import Event, decode_event
 
 from . import metrics
 from .settings import Settings
-from schemas.limits import CONSUMER_BATCH_MAX, CONSUMER_POLL_MS, CONSUMER_RESTART_DELAY_S, KAFKA_REQUEST_TIMEOUT_MS
+from schemas.limits import CONSUMER_BATCH_MAX, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS, CONSUMER_RESTART_DELAY_S, KAFKA_REQUEST_TIMEOUT_MS
 
 log = logging.getLogger("cvl.consumer")
 
@@ -42,16 +46,39 @@ class Delivered(msgspec.Struct, frozen=True):
 
 
 Handler = Callable[[asyncpg.Connection, list[Delivered]], Awaitable[None]]
+Wants = Callable[[Event], bool]
+
+
+def everything(event: Event) -> bool:
+    return True
+
+
+def of_types(*types: type) -> Wants:
+    """`wants` for a handler that acts only on these event types (and ignores every other)."""
+    def wants(event: Event) -> bool:
+        return isinstance(event, types)
+    return wants
 
 
 class Consumer:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, topics: list[str], group: str, handler: Handler):
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, topics: list[str], group: str, handler: Handler,
+                 wants: Wants = everything, claim: bool = True):
+        """`wants(event)` is False for events the handler would ignore: they are not claimed in processed_events
+        and not passed to the handler. It must depend on the event alone (a redelivery decides the same).
+
+        `claim=False` is for a handler whose effect has its own unique key per event id and that skips events it
+        already applied (in the batch's transaction, under a lock that serialises its writers): then no
+        processed_events row is written, and the handler gets every wanted event, redeliveries included (the
+        first copy of each event id in a batch)."""
         self.settings = settings
         self.pool = pool
         self.topics = topics
         self.group = f"{settings.group_prefix}.{group}"
         self.handler = handler
+        self.wants = wants
+        self.claim = claim
         self._stopping = False
+        self._next_lag = 0.0
 
     async def stop(self) -> None:
         self._stopping = True
@@ -90,6 +117,9 @@ class Consumer:
                 await consumer.stop()
 
     async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
+        if time.monotonic() < self._next_lag:  # a gauge: once per interval, not per batch
+            return
+        self._next_lag = time.monotonic() + CONSUMER_LAG_INTERVAL_S
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
             if high is None:
@@ -100,11 +130,18 @@ class Consumer:
     async def _apply(self, records) -> None:
         delivered: list[Delivered] = []
         dead: list[tuple] = []
+        wants = self.wants
         for r in records:
             try:
-                delivered.append(Delivered(r.topic, r.partition, r.offset, decode_event(r.value)))
+                event = decode_event(r.value)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 dead.append((r.topic, r.partition, r.offset, r.value, str(exc)))
+                continue
+            if wants(event):
+                delivered.append(Delivered(r.topic, r.partition, r.offset, event))
+        if not delivered and not dead:
+            return  # nothing to apply or keep: no transaction
+        todo: list[Delivered] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for row in dead:
                 await conn.execute(DEAD_LETTER_SQL, *row)
@@ -113,10 +150,13 @@ class Consumer:
                           extra={"topic": row[0], "partition": row[1], "offset": row[2], "error": row[4]})
             if not delivered:
                 return
-            claimed = await conn.fetch(
-                CLAIM_SQL, [d.event.event_id for d in delivered], [d.topic for d in delivered],
-                [d.partition for d in delivered], [d.offset for d in delivered])
-            fresh = {r[0] for r in claimed}
+            if self.claim:
+                claimed = await conn.fetch(
+                    CLAIM_SQL, [d.event.event_id for d in delivered], [d.topic for d in delivered],
+                    [d.partition for d in delivered], [d.offset for d in delivered])
+                fresh = {r[0] for r in claimed}
+            else:
+                fresh = {d.event.event_id for d in delivered}  # the handler skips what it already applied
             # The same event can appear twice in one batch (a relay retry): apply its first copy only.
             seen: set[str] = set()
             todo = []

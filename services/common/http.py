@@ -95,11 +95,20 @@ async def read_body(request: web.Request) -> bytes:
         raise PayloadTooLarge(f"the body exceeds {BODY_BYTES_MAX} bytes") from exc
 
 
+_decoders: dict[Any, msgspec.json.Decoder] = {}  # one per request type, built on first use
+
+
+def _decoder(type_: Any) -> msgspec.json.Decoder:
+    if (decoder := _decoders.get(type_)) is None:
+        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    return decoder
+
+
 def decode(raw: bytes, type_: type[T]) -> T:
     if not raw:
         raise ValidationFailed("a JSON body is required")
     try:
-        return msgspec.json.decode(raw, type=type_)
+        return _decoder(type_).decode(raw)
     except msgspec.ValidationError as exc:
         field_ = _field_of(str(exc))
         raise ValidationFailed(str(exc), field=field_) from exc
@@ -181,12 +190,25 @@ async def errors_middleware(request: web.Request, handler):
 @web.middleware
 async def metrics_middleware(request: web.Request, handler):
     started = time.perf_counter()
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource else "unmatched"
     response = await handler(request)
     service = request.app[SETTINGS].service
-    metrics.http_latency.labels(service, route, request.method).observe(time.perf_counter() - started)
-    metrics.http_requests.labels(service, route, request.method, str(response.status)).inc()
+    latency = (service, route, request.method)
+    if (child := _latency_children.get(latency)) is None:
+        child = _latency_children[latency] = metrics.http_latency.labels(*latency)
+    child.observe(time.perf_counter() - started)
+    count = (service, route, request.method, response.status)
+    if (counter := _request_children.get(count)) is None:
+        counter = _request_children[count] = metrics.http_requests.labels(service, route, request.method,
+                                                                          str(response.status))
+    counter.inc()
     return response
+
+
+# Metric children bound once per label set (as many as the Prometheus registry itself keeps), not per request.
+_latency_children: dict[tuple, Any] = {}
+_request_children: dict[tuple, Any] = {}
 
 
 @web.middleware

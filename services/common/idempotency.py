@@ -94,10 +94,9 @@ async def run(pool: asyncpg.Pool, k: Key | None,
     """Run `command` in one transaction; with a key, store its successful answer in the same transaction.
 
     Refusals (domain errors) roll everything back, the key included: nothing changed, so a retry may run again.
-    A concurrent request with the same key waits on the key's row and then replays the winner's answer.
+    A concurrent request with the same key waits on the key's row and then replays the winner's answer. A key used
+    before is found by the claim itself (no lookup first: that would be one more round trip for every fresh key).
     """
-    if k is not None and (stored := await lookup(pool, k)) is not None:
-        return stored
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():

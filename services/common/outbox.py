@@ -136,15 +136,37 @@ class Relay:
         rows = await conn.fetch(FETCH_SQL, OUTBOX_BATCH_MAX)
         if not rows:
             return 0
-        futures = []
+        # One record batch per partition (a new one when it fills), in id order: a partition's batches are sent in
+        # the order they were added, and the idempotent producer keeps that order; one future per batch, not per row.
+        partitions: dict[str, list[int]] = {}
+        batches: dict[tuple[str, int], list] = {}  # (topic, partition) -> [[builder, row ids], ...]
         for row in rows:
-            futures.append(await producer.send(row["topic"], row["payload"], key=row["key"].encode()))
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        done = [row["id"] for row, result in zip(rows, results) if not isinstance(result, BaseException)]
+            topic = row["topic"]
+            key = row["key"].encode()
+            if (all_partitions := partitions.get(topic)) is None:
+                all_partitions = partitions[topic] = sorted(await producer.partitions_for(topic))
+            tp = (topic, kafka.partition_for(key, all_partitions))  # where `producer.send` would put it
+            open_ = batches.setdefault(tp, [])
+            if not open_ or open_[-1][0].append(key=key, value=row["payload"], timestamp=None) is None:
+                builder = producer.create_batch()
+                if builder.append(key=key, value=row["payload"], timestamp=None) is None:
+                    raise RuntimeError(f"outbox row {row['id']} does not fit in an empty Kafka batch")
+                open_.append([builder, []])
+            open_[-1][1].append(row["id"])
+        sent: list[tuple[list[int], str, asyncio.Future]] = []
+        for (topic, partition), parts in batches.items():
+            for builder, ids in parts:
+                builder.close()  # closed: sent now, no linger
+                sent.append((ids, topic, await producer.send_batch(builder, topic, partition=partition)))
+        results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
+        done: list[int] = []
+        per_topic: collections.Counter[str] = collections.Counter()
+        for (ids, topic, _), result in zip(sent, results):
+            if not isinstance(result, BaseException):
+                done.extend(ids)
+                per_topic[topic] += len(ids)
         if done:
             await conn.execute(DELETE_SQL, done)
-            per_topic = collections.Counter(
-                row["topic"] for row, result in zip(rows, results) if not isinstance(result, BaseException))
             for topic, count in per_topic.items():
                 metrics.outbox_published.labels(self.settings.service, topic).inc(count)
         if len(done) != len(rows):

@@ -9,12 +9,12 @@ The ledger produces no events, so no command writes an outbox.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import asyncpg
 
 from schemas.events import encode_event
+from schemas.limits import LEDGER_COPY_ENTRIES_MIN
 
 from services.common.consumer import DEAD_LETTER_SQL, Delivered
 
@@ -43,8 +43,10 @@ async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> Journaled
     size = await conn.fetchval(store.LOCK_HEAD_SQL)
     assert size is not None and size >= 0
     events = [d.event for d in batch]
-    journaled = {r[0] for r in await conn.fetch(store.JOURNALED_SQL, [e.event_id for e in events])}
-    decided = domain.journal_batch(size, events, journaled)
+    edge = merkle.edge_tiles(size)
+    read = await conn.fetchrow(store.JOURNALED_AND_EDGE_SQL, [e.event_id for e in events],
+                               [t[0] for t in edge], [t[1] for t in edge])
+    decided = domain.journal_batch(size, events, set(read["journaled"]))
 
     rejected = [(batch[position], exc) for position, exc in decided.rejected]
     for d, exc in rejected:
@@ -53,43 +55,51 @@ async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> Journaled
     if not entries:
         return Journaled([], size, decided.duplicates, rejected)
 
-    await conn.execute(store.INSERT_JOURNAL_SQL, [e.index for e in entries], [e.event_id for e in entries],
-                       [e.type for e in entries], [e.occurred_at for e in entries], [e.leaf for e in entries])
-    rows = [(e.index, seq, p) for e in entries for seq, p in enumerate(e.postings)]
-    if rows:
-        await conn.execute(store.INSERT_POSTINGS_SQL, [r[0] for r in rows], [r[1] for r in rows],
-                           [r[2].account for r in rows], [r[2].debit for r in rows], [r[2].credit for r in rows])
-    if decided.accounts:
-        names = sorted(decided.accounts)
-        await conn.execute(store.UPSERT_ACCOUNTS_SQL, names, [decided.accounts[n].debits for n in names],
-                           [decided.accounts[n].credits for n in names])
-    if decided.reports:
-        keys = sorted(decided.reports)
-        columns = list(zip(*(decided.reports[k] for k in keys)))
-        await conn.execute(store.UPSERT_REPORTS_SQL, [k.city for k in keys], [k.year for k in keys],
-                           [k.program for k in keys], *map(list, columns))
-    if decided.homes:
-        ids = sorted(decided.homes)
-        await conn.execute(store.INSERT_VOUCHERS_SQL, ids, [decided.homes[i].city for i in ids],
-                           [decided.homes[i].year for i in ids], [decided.homes[i].program for i in ids])
-    await _grow_tree(conn, size, (e.leaf for e in entries))
     new_size = size + len(entries)
-    advanced = await conn.fetchval(store.ADVANCE_HEAD_SQL, size, new_size)
-    assert advanced == new_size, "the log head moved while it was locked"
+    tiles = _grow_tree(size, edge, read["edge"], [e.leaf for e in entries])
+    names = sorted(decided.accounts)
+    keys = sorted(decided.reports)
+    report_columns = [list(c) for c in zip(*(decided.reports[k] for k in keys))] or [[]] * len(domain.ReportDelta._fields)
+    ids = sorted(decided.homes)
+    homes = [decided.homes[i] for i in ids]
+    args = [size, new_size,
+            names, [decided.accounts[n].debits for n in names], [decided.accounts[n].credits for n in names],
+            [k.city for k in keys], [k.year for k in keys], [k.program for k in keys], *report_columns,
+            ids, [h.city for h in homes], [h.year for h in homes], [h.program for h in homes],
+            [t.level for t in tiles], [t.index for t in tiles], [t.hashes for t in tiles]]
+    journal_rows = [(e.index, e.event_id, e.type, e.occurred_at, e.leaf) for e in entries]
+    posting_rows = [(e.index, seq, p.account, p.debit, p.credit) for e in entries for seq, p in enumerate(e.postings)]
+    if len(entries) >= LEDGER_COPY_ENTRIES_MIN:
+        await conn.copy_records_to_table(store.JOURNAL_TABLE, records=journal_rows, columns=store.JOURNAL_COLUMNS)
+        if posting_rows:
+            await conn.copy_records_to_table(store.POSTINGS_TABLE, records=posting_rows,
+                                             columns=store.POSTINGS_COLUMNS)
+        written = await conn.fetchrow(store.WRITE_SQL, *args)
+    else:
+        written = await conn.fetchrow(store.WRITE_WITH_ENTRIES_SQL, *args,
+                                      *(list(c) for c in zip(*journal_rows)),
+                                      *([list(c) for c in zip(*posting_rows)] or [[]] * len(store.POSTINGS_COLUMNS)))
+    assert written["size"] == new_size, "the log head moved while it was locked"
+    if written["tiles"] != len(tiles):
+        raise queries.MissingSubtree(f"a stored Merkle tile disagrees with the tree of {size} entries grown by "
+                                     f"{len(entries)}: the batch is not journaled")
     return Journaled(entries, new_size, decided.duplicates, rejected)
 
 
-async def _grow_tree(conn: asyncpg.Connection, size: int, leaves: Iterable[bytes]) -> None:
-    """Add `leaves` at `size` to the stored Merkle tree, inside the journal's transaction (log_head locked).
-
-    Reads the old tree's O(log n) frontier; writes the leaf hashes and every complete subtree they complete. A
-    missing frontier node means the tree does not cover the journal: the batch fails rather than fork the tree.
+def _grow_tree(size: int, edge: list[tuple[int, int]], stored: list[bytes | None],
+               leaves: list[bytes]) -> list[merkle.Tile]:
+    """The tiles that adding `leaves` at `size` changes, from the old tree's right edge as read in the journal's
+    transaction (log_head locked). An edge tile missing, or not holding exactly the hashes a tree of `size` has
+    there, means the tree does not cover the journal: the batch fails rather than fork the tree.
     """
-    assert conn.is_in_transaction()
-    get = await queries.subtree_getter(conn, merkle.root_subtrees(size))
-    nodes = merkle.grow(size, [merkle.leaf_hash(leaf) for leaf in leaves], get)
-    await conn.execute(store.INSERT_NODES_SQL, [n.level for n in nodes], [n.index for n in nodes],
-                       [n.hash for n in nodes])
+    tiles: dict[tuple[int, int], bytes] = {}
+    for (tile_level, tile_index), hashes in zip(edge, stored, strict=True):
+        width = merkle.tile_width(size, tile_level, tile_index)
+        if hashes is None or len(hashes) != width * merkle.HASH_SIZE:
+            raise queries.MissingSubtree(f"the Merkle tree's tile {tile_level}/{tile_index} does not hold the "
+                                         f"{width} hashes of a tree of {size} leaves")
+        tiles[(tile_level, tile_index)] = bytes(hashes)
+    return merkle.grow_tiles(size, [merkle.leaf_hash(leaf) for leaf in leaves], tiles)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
     entries: list[JournalEntry] = []
     rejected: list[tuple[int, InvalidEvent]] = []
     accounts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # account -> [debits, credits]
-    reports: dict[CityYear, ReportDelta] = {}
+    reports: dict[CityYear, list[int]] = {}     # summed field by field, as ReportDelta's fields
     homes: dict[str, CityYear] = {}
     duplicates = 0
     for position, event in enumerate(events):
@@ -378,15 +378,19 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
             accounts[p.account][0] += p.debit
             accounts[p.account][1] += p.credit
         for key, delta in report_delta(event, entry.postings) or ():
-            before = reports.get(key, ReportDelta())
-            reports[key] = ReportDelta(*(a + b for a, b in zip(before, delta)))
+            total = reports.get(key)
+            if total is None:
+                reports[key] = list(delta)
+            else:
+                for field, amount in enumerate(delta):
+                    total[field] += amount
         if (home := voucher_home(event)) is not None:
             homes.setdefault(*home)
 
     assert [e.index for e in entries] == list(range(size, size + len(entries)))
     assert sum(a[0] for a in accounts.values()) == sum(a[1] for a in accounts.values()), "the batch does not balance"
     return JournalBatch(entries, duplicates, rejected, {a: AccountTotals(*t) for a, t in accounts.items()},
-                        reports, homes)
+                        {k: ReportDelta(*t) for k, t in reports.items()}, homes)
 
 
 # --- leaf bytes, version 1 --------------------------------------------------------------------------------------------

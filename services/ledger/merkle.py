@@ -6,6 +6,13 @@ of any size is the concatenation of O(log n) complete subtrees (one per set bit 
 proof or a consistency proof needs O(log n) of them, and appending needs only the complete subtrees of the old tree
 (its "frontier", `subtrees(0, size)`). The store keeps every complete subtree; this module says which to read.
 
+Storage is C2SP tlog-tiles (c2sp.org/tlog-tiles), tile height 8: tile (L, N) holds, concatenated, the hashes of the
+complete subtrees at tree level 8·L with indexes [256·N, 256·N + width); a full tile has 256 of them, and only the
+rightmost tile of a tile level may be partial (width = its tree level's complete subtrees beyond 256·N). A complete
+subtree at level 8·L + r (r < 8) is the MTH of 2^r consecutive hashes of one tile (`tile_position`), so a root or a
+proof reads O(log n) tiles, and appending reads only the partial tiles of the old tree's right edge (`edge_tiles`)
+and writes the tiles it changes (`grow_tiles`): a handful of rows per batch, not about two per entry.
+
 Generation follows the recursive definitions of RFC 9162 §2.1.3.1 (PATH) and §2.1.4.1 (PROOF/SUBPROOF), in loops;
 verification follows §2.1.3.2 and §2.1.4.2 step by step, so that any independent implementation agrees.
 """
@@ -18,6 +25,9 @@ from typing import Final, NamedTuple
 from schemas.limits import BIGINT_MAX
 
 HASH_SIZE: Final = 32
+TILE_HEIGHT: Final = 8                     # c2sp.org/tlog-tiles: a tile spans 8 tree levels ...
+TILE_WIDTH: Final = 1 << TILE_HEIGHT       # ... and holds up to 256 hashes of its lowest level
+TILE_LEVELS: Final = 8                     # tile levels 0..7 cover tree levels 0..63 (a bigint of leaves)
 EMPTY_ROOT: Final = hashlib.sha256(b"").digest()   # MTH({}) = SHA-256() (RFC 9162 §2.1.1)
 _LEAF_PREFIX: Final = b"\x00"
 _NODE_PREFIX: Final = b"\x01"
@@ -264,3 +274,103 @@ def verify_consistency(first: int, second: int, first_root: bytes, second_root: 
         raise ProofError(f"the consistency path does not lead to the root of tree size {first}")
     if sr != second_root:
         raise ProofError(f"the consistency path does not lead to the root of tree size {second}")
+
+
+# --- tiles (c2sp.org/tlog-tiles, height 8) ------------------------------------------------------------------------
+
+class Tile(NamedTuple):
+    level: int        # tile level L: its hashes are those of tree level 8·L
+    index: int        # N: its first hash is the subtree of index 256·N at tree level 8·L
+    hashes: bytes     # width × 32 bytes, 1 <= width <= 256
+
+
+def tile_position(level: int, index: int) -> tuple[int, int, int, int]:
+    """Where complete subtree (level, index) lives: (tile level, tile index, first hash in the tile, hash count).
+
+    The subtree is the MTH of `count` = 2^r consecutive hashes of its tile, r = level mod 8 (r = 0: one hash).
+    """
+    assert 0 <= level < TILE_HEIGHT * TILE_LEVELS and index >= 0, (level, index)
+    tile_level, r = divmod(level, TILE_HEIGHT)
+    first = index << r
+    return tile_level, first >> TILE_HEIGHT, first & (TILE_WIDTH - 1), 1 << r
+
+
+def tile_width(size: int, tile_level: int, tile_index: int) -> int:
+    """How many hashes tile (tile_level, tile_index) holds in the tree of `size` leaves (0: not there yet)."""
+    return max(0, min(TILE_WIDTH, (size >> (TILE_HEIGHT * tile_level)) - (tile_index << TILE_HEIGHT)))
+
+
+def tiles_of(needed: Iterable[Subtree]) -> list[tuple[int, int]]:
+    """The tiles that hold the complete subtrees `needed`, each once, in first-needed order."""
+    return list(dict.fromkeys(tile_position(*s)[:2] for s in needed))
+
+
+def edge_tiles(size: int) -> list[tuple[int, int]]:
+    """The partial tiles of the tree of `size` leaves (its right edge): what appending to it reads."""
+    out = []
+    tile_level = 0
+    while size >> (TILE_HEIGHT * tile_level):
+        count = size >> (TILE_HEIGHT * tile_level)
+        if count & (TILE_WIDTH - 1):
+            out.append((tile_level, count >> TILE_HEIGHT))
+        tile_level += 1
+    return out
+
+
+def _mth_of_hashes(hashes: list[bytes]) -> bytes:
+    """MTH over `hashes` taken as the roots of equal complete subtrees (a power of two of them)."""
+    while len(hashes) > 1:
+        hashes = [node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
+    return hashes[0]
+
+
+def _split_hashes(data: bytes) -> list[bytes]:
+    return [data[i:i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)]
+
+
+def tile_getter(tiles: dict[tuple[int, int], bytes]) -> SubtreeHash:
+    """`get(level, index)` over the tiles read (the caller checked they hold every subtree it will ask for).
+
+    A tile's inner levels are computed once per getter (at most 255 node hashes per tile)."""
+    levels: dict[tuple[int, int], list[list[bytes]]] = {}
+
+    def get(level: int, index: int) -> bytes:
+        tile_level, tile_index, first, count = tile_position(level, index)
+        inner = levels.get((tile_level, tile_index))
+        if inner is None:
+            inner = levels[(tile_level, tile_index)] = [_split_hashes(tiles[(tile_level, tile_index)])]
+        r = count.bit_length() - 1
+        while len(inner) <= r:      # the tile's next inner level: only its complete pairs
+            below = inner[-1]
+            inner.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)])
+        return inner[r][first >> r]
+    return get
+
+
+def grow_tiles(size: int, leaf_hashes: list[bytes], edge: dict[tuple[int, int], bytes]) -> list[Tile]:
+    """The tiles that appending `leaf_hashes` to a tree of `size` leaves changes or creates, tile level by level.
+
+    `edge` holds the old tree's partial tiles (`edge_tiles(size)`), read in the appending transaction: each is
+    extended, and every tile that becomes full adds its MTH to the tile level above. O(batch) hashes; the rows
+    written are the new full tiles and the new right edge.
+    """
+    out: list[Tile] = []
+    count = size                           # complete subtrees at this tile level's tree level, before the batch
+    new = list(leaf_hashes)
+    for h in new:
+        assert len(h) == HASH_SIZE
+    tile_level = 0
+    while new:
+        assert tile_level < TILE_LEVELS, "the tree outgrew 2^64 leaves"
+        first_tile, offset = count >> TILE_HEIGHT, count & (TILE_WIDTH - 1)
+        old = edge[(tile_level, first_tile)] if offset else b""
+        assert len(old) == offset * HASH_SIZE, (tile_level, first_tile, len(old), offset)
+        hashes = _split_hashes(old) + new
+        parents = []
+        for start in range(0, len(hashes), TILE_WIDTH):
+            chunk = hashes[start:start + TILE_WIDTH]
+            out.append(Tile(tile_level, first_tile + start // TILE_WIDTH, b"".join(chunk)))
+            if len(chunk) == TILE_WIDTH:
+                parents.append(_mth_of_hashes(chunk))
+        new, count, tile_level = parents, count >> TILE_HEIGHT, tile_level + 1
+    return out

@@ -29,18 +29,23 @@ class MissingSubtree(LookupError):
 
 
 async def subtree_getter(conn: Reader, needed: list[merkle.Subtree]) -> merkle.SubtreeHash:
-    """One read of the complete subtrees `needed` (O(log n) of them), as the lookup merkle's functions take.
+    """One read of the tiles that hold the complete subtrees `needed` (O(log n) tiles), as the lookup merkle's
+    functions take.
 
-    A subtree that is not stored raises MissingSubtree here, before any hash is computed from a partial tree.
+    A subtree its tile does not hold (no tile, or a partial tile too short) raises MissingSubtree here, before any
+    hash is computed from a partial tree.
     """
     if not needed:
         return _no_subtree
-    rows = await conn.fetch(store.SUBTREES_SQL, [s.level for s in needed], [s.index for s in needed])
-    hashes = {(r["level"], r["index"]): bytes(r["hash"]) for r in rows}
-    if len(hashes) != len(set(needed)):
-        missing = next(s for s in needed if (s.level, s.index) not in hashes)
-        raise MissingSubtree(f"the Merkle tree has no node at level {missing.level}, index {missing.index}")
-    return lambda level, index: hashes[(level, index)]
+    tiles = merkle.tiles_of(needed)
+    rows = await conn.fetch(store.TILES_SQL, [t[0] for t in tiles], [t[1] for t in tiles])
+    stored = {(r["level"], r["index"]): bytes(r["hashes"]) for r in rows}
+    for s in needed:
+        tile_level, tile_index, first, count = merkle.tile_position(*s)
+        if len(stored.get((tile_level, tile_index), b"")) < (first + count) * merkle.HASH_SIZE:
+            raise MissingSubtree(f"the Merkle tree has no node at level {s.level}, index {s.index} "
+                                 f"(tile {tile_level}/{tile_index})")
+    return merkle.tile_getter(stored)
 
 
 def _no_subtree(level: int, index: int) -> bytes:

@@ -15,50 +15,69 @@ from schemas.ledger import Account, CheckpointView, CityReport, Entry, Posting, 
 # --- the journal (commands.journal), in the order it runs -------------------------------------------------------------
 
 LOCK_HEAD_SQL: Final = "SELECT size FROM log_head FOR UPDATE"
-JOURNALED_SQL: Final = "SELECT event_id::text FROM journal WHERE event_id = ANY($1::uuid[])"
-INSERT_JOURNAL_SQL: Final = """
-INSERT INTO journal (index, event_id, type, occurred_at, leaf)
-SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bytea[])"""
-INSERT_POSTINGS_SQL: Final = """
-INSERT INTO postings (entry_index, seq, account, debit, credit)
-SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::bigint[], $5::bigint[])"""
-# Rows are upserted in account order, so that two writers could never wait on each other's rows in a cycle (the
-# log_head lock already serialises appends; this keeps the statement safe on its own).
-UPSERT_ACCOUNTS_SQL: Final = """
-INSERT INTO accounts AS a (account, debits, credits)
-SELECT u.account, u.debits, u.credits
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(account, debits, credits)
-ORDER BY u.account
-ON CONFLICT (account) DO UPDATE
-    SET debits = a.debits + EXCLUDED.debits, credits = a.credits + EXCLUDED.credits, updated_at = now()"""
-# Columns in the order of domain.CityYear, then domain.ReportDelta.
-UPSERT_REPORTS_SQL: Final = """
-INSERT INTO city_reports AS r (city, year, program, budget, issued, redeemed, refunded, revoked, expired, outstanding,
-                               carried_in, carried_out)
-SELECT u.* FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
-                       $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
-    AS u(city, year, program, budget, issued, redeemed, refunded, revoked, expired, outstanding, carried_in,
-         carried_out)
-ORDER BY u.city, u.year, u.program
-ON CONFLICT (city, year, program) DO UPDATE SET
-    budget = r.budget + EXCLUDED.budget, issued = r.issued + EXCLUDED.issued,
-    redeemed = r.redeemed + EXCLUDED.redeemed, refunded = r.refunded + EXCLUDED.refunded,
-    revoked = r.revoked + EXCLUDED.revoked, expired = r.expired + EXCLUDED.expired,
-    outstanding = r.outstanding + EXCLUDED.outstanding, carried_in = r.carried_in + EXCLUDED.carried_in,
-    carried_out = r.carried_out + EXCLUDED.carried_out"""
-INSERT_VOUCHERS_SQL: Final = """
-INSERT INTO vouchers (voucher_id, city, year, program)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[])
-ON CONFLICT (voucher_id) DO NOTHING"""
-ADVANCE_HEAD_SQL: Final = "UPDATE log_head SET size = $2 WHERE size = $1 RETURNING size"
-INSERT_NODES_SQL: Final = """
-INSERT INTO merkle_nodes (level, index, hash) SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])"""
+# After the lock (a fresh snapshot), in one round trip: which of the batch's events the journal already has, and
+# the stored tiles of the tree's right edge (merkle.edge_tiles), in the order asked (NULL for a missing one).
+JOURNALED_AND_EDGE_SQL: Final = """
+SELECT ARRAY(SELECT event_id::text FROM journal WHERE event_id = ANY($1::uuid[])) AS journaled,
+       ARRAY(SELECT m.hashes FROM unnest($2::smallint[], $3::bigint[]) WITH ORDINALITY AS w(level, index, n)
+             LEFT JOIN merkle_tiles m USING (level, index) ORDER BY w.n) AS edge"""
+# A big batch copies its entries and postings (binary COPY: one encode per row, no unnest); a small one writes them
+# in the statement that writes everything else (WRITE_WITH_ENTRIES_SQL), saving the COPYs' round trips.
+JOURNAL_TABLE: Final = "journal"
+JOURNAL_COLUMNS: Final = ("index", "event_id", "type", "occurred_at", "leaf")
+POSTINGS_TABLE: Final = "postings"
+POSTINGS_COLUMNS: Final = ("entry_index", "seq", "account", "debit", "credit")
+# One statement, one round trip, for what a batch adds: account totals summed per batch (one row per account,
+# upserted in account order, so that two writers could never wait on each other's rows in a cycle; the log_head
+# lock already serialises appends), city reports (columns in the order of domain.CityYear, then
+# domain.ReportDelta), voucher homes, the Merkle tiles the batch changed, and the log head. A tile only ever grows:
+# an existing one is replaced only by a longer one that starts with it, so a full tile never changes; `tiles`
+# counts the tiles written, and fewer than given means a stored tile disagreed (the caller fails the batch).
+_WRITE_SQL: Final = """
+WITH {entries}
+a AS (INSERT INTO accounts AS a (account, debits, credits)
+      SELECT u.account, u.debits, u.credits
+      FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS u(account, debits, credits)
+      ORDER BY u.account
+      ON CONFLICT (account) DO UPDATE
+          SET debits = a.debits + EXCLUDED.debits, credits = a.credits + EXCLUDED.credits, updated_at = now()),
+r AS (INSERT INTO city_reports AS r (city, year, program, budget, issued, redeemed, refunded, revoked, expired,
+                                     outstanding, carried_in, carried_out)
+      SELECT u.* FROM unnest($6::text[], $7::int[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[],
+                             $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[],
+                             $17::bigint[])
+          AS u(city, year, program, budget, issued, redeemed, refunded, revoked, expired, outstanding, carried_in,
+               carried_out)
+      ORDER BY u.city, u.year, u.program
+      ON CONFLICT (city, year, program) DO UPDATE SET
+          budget = r.budget + EXCLUDED.budget, issued = r.issued + EXCLUDED.issued,
+          redeemed = r.redeemed + EXCLUDED.redeemed, refunded = r.refunded + EXCLUDED.refunded,
+          revoked = r.revoked + EXCLUDED.revoked, expired = r.expired + EXCLUDED.expired,
+          outstanding = r.outstanding + EXCLUDED.outstanding, carried_in = r.carried_in + EXCLUDED.carried_in,
+          carried_out = r.carried_out + EXCLUDED.carried_out),
+v AS (INSERT INTO vouchers (voucher_id, city, year, program)
+      SELECT * FROM unnest($18::uuid[], $19::text[], $20::int[], $21::text[])
+      ON CONFLICT (voucher_id) DO NOTHING),
+t AS (INSERT INTO merkle_tiles AS m (level, index, hashes)
+      SELECT * FROM unnest($22::smallint[], $23::bigint[], $24::bytea[])
+      ON CONFLICT (level, index) DO UPDATE SET hashes = EXCLUDED.hashes
+          WHERE length(EXCLUDED.hashes) > length(m.hashes)
+            AND substring(EXCLUDED.hashes FROM 1 FOR length(m.hashes)) = m.hashes
+      RETURNING 1),
+h AS (UPDATE log_head SET size = $2 WHERE size = $1 RETURNING size)
+SELECT (SELECT size FROM h) AS size, (SELECT count(*) FROM t) AS tiles"""
+WRITE_SQL: Final = _WRITE_SQL.format(entries="")
+WRITE_WITH_ENTRIES_SQL: Final = _WRITE_SQL.format(entries="""
+j AS (INSERT INTO journal (index, event_id, type, occurred_at, leaf)
+      SELECT * FROM unnest($25::bigint[], $26::uuid[], $27::text[], $28::timestamptz[], $29::bytea[])),
+p AS (INSERT INTO postings (entry_index, seq, account, debit, credit)
+      SELECT * FROM unnest($30::bigint[], $31::int[], $32::text[], $33::bigint[], $34::bigint[])),""")
 
 # --- the Merkle tree and its checkpoints (commands.sign_checkpoint, queries) ------------------------------------------
 
-SUBTREES_SQL: Final = """
-SELECT n.level, n.index, n.hash
-FROM unnest($1::smallint[], $2::bigint[]) AS w(level, index) JOIN merkle_nodes n USING (level, index)"""
+TILES_SQL: Final = """
+SELECT m.level, m.index, m.hashes
+FROM unnest($1::smallint[], $2::bigint[]) AS w(level, index) JOIN merkle_tiles m USING (level, index)"""
 SIGNER_LOCK_KEY: Final = 0x63766C_636B70  # "cvlckp": one checkpoint signer at a time across replicas
 TRY_LOCK_SIGNER_SQL: Final = "SELECT pg_try_advisory_xact_lock($1)"
 LATEST_CHECKPOINT_SQL: Final = """
@@ -105,9 +124,8 @@ SELECT city, year, program, budget, issued, redeemed, refunded, revoked, expired
 FROM city_reports ORDER BY city, year, program LIMIT $1"""
 BALANCES_SQL: Final = "SELECT account, credits - debits AS balance FROM accounts WHERE account = ANY($1::text[])"
 RECENT_ENTRIES_SQL: Final = """
-SELECT j.index, j.type, j.occurred_at, n.hash AS leaf_hash
-FROM journal j JOIN merkle_nodes n ON n.level = 0 AND n.index = j.index
-ORDER BY j.index DESC LIMIT $1"""
+SELECT j.index, j.type, j.occurred_at, sha256('\\x00'::bytea || j.leaf) AS leaf_hash
+FROM journal j ORDER BY j.index DESC LIMIT $1"""
 
 
 # --- views ------------------------------------------------------------------------------------------------------------
