@@ -287,7 +287,10 @@ def create_app(settings: Settings) -> web.Application:
         pool = await db.create_pool(settings, SCHEMA)
         await db.migrate(pool, SCHEMA, MIGRATIONS)
         consumer = Consumer(settings, pool, topics=[settings.topic_issuing, settings.topic_redemption],
-                            group=CONSUMER_GROUP, handler=journal)
+                            group=CONSUMER_GROUP, handler=journal,
+                            # The journal's unique event_id is the effect's own key, and `journal` skips ids already
+                            # in it under the log_head lock: no processed_events row per event.
+                            claim=False)
         app[POOL] = pool
         consumer_task = asyncio.create_task(consumer.run(), name="ledger-consumer")
         background = [asyncio.create_task(_refresh_log_status(pool), name="log-status"),

@@ -1,4 +1,5 @@
-"""Redemption service HTTP edge: routes, roles, and the wiring of pool, issuing consumer, sweepers and outbox relay."""
+"""Redemption service HTTP edge: routes, roles, and the wiring of pool, redemption writer, issuing consumer, sweepers
+and outbox relay."""
 from __future__ import annotations
 
 import asyncio
@@ -20,12 +21,13 @@ from schemas.redemption import (
 
 from services.common import db, http, idempotency, kafka, outbox, tasks
 from services.common.auth import Principal, require
-from services.common.consumer import Consumer, Delivered
+from services.common.consumer import Consumer, Delivered, of_types
 from services.common.errors import ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 
 from . import commands, sweeper
+from .writer import Redemptions
 
 log = logging.getLogger("cvl.redemption")
 
@@ -191,22 +193,25 @@ def create_app(settings: Settings) -> web.Application:
         await db.migrate(pool, SCHEMA, MIGRATIONS)
         relay = outbox.Relay(settings, SCHEMA)
 
-        svc = commands.Service(pool, settings.topic_redemption, relay.wake)
+        writer = Redemptions(pool, topic=settings.topic_redemption, on_commit=relay.wake)
+        svc = commands.Service(pool, settings.topic_redemption, relay.wake, submit=writer.submit)
 
         async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Delivered]) -> None:
             await commands.apply_issuing_events(conn, delivered, topic=svc.topic, now=outbox.now(),
                                                 wake_relay=relay.wake)
 
         consumer = Consumer(settings, pool, topics=[settings.topic_issuing], group=CONSUMER_GROUP,
-                            handler=apply_issuing_events)
+                            handler=apply_issuing_events, wants=of_types(*commands.ISSUING_EVENTS_APPLIED))
         app[COMMANDS] = svc
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="issuing-consumer")
         background = [asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper"),
                       *sweeper.start(svc)]
         yield
-        # Drain in dependency order (requests have finished): the sweepers stop (a round in flight rolls back), the
-        # consumer commits its batch, the relay publishes what is committed, then the pool closes.
+        # Drain in dependency order (requests have finished): the writer commits what is queued, the sweepers stop
+        # (a round in flight rolls back), the consumer commits its batch, the relay publishes what is committed,
+        # then the pool closes.
+        await writer.close()
         await tasks.cancel_all(background)
         await tasks.stop_within(consumer.stop, consumer_task, CONSUMER_DRAIN_S,
                                 "issuing consumer did not stop in time; its uncommitted batch will be redelivered")

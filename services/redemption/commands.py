@@ -9,9 +9,12 @@ hold timeout sweeper, the expiry sweeper and a revocation's freeze are serialise
 committed effects, and a hold is settled exactly once. The sweepers lock vouchers with SKIP LOCKED (never wait),
 and the consumer locks several vouchers in id order, so no two transactions wait on each other in a cycle.
 
-A request's command runs alone, through `idempotency.run` (one transaction, Idempotency-Key honoured); its metrics
-are counted once it committed, and not at all for a replayed answer (nothing changed then). The consumer handler
-runs in the consumer's transaction; each sweeper step is one transaction of its own.
+A redemption joins the process's writer batch (writer.py, `write_redemptions`: many redemptions, one transaction,
+each decided alone; its vouchers locked in id order with one statement, after the batch's idempotency keys and before
+its invoice claims). Holds, captures, voids and refunds run alone, through `idempotency.run` (one transaction,
+Idempotency-Key honoured). Metrics are counted once a command committed, and not at all for a replayed answer
+(nothing changed then). The consumer handler runs in the consumer's transaction; each sweeper step is one
+transaction of its own.
 """
 from __future__ import annotations
 
@@ -19,33 +22,37 @@ import dataclasses
 import datetime as dt
 import logging
 import uuid
+from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import asyncpg
+import msgspec
 from prometheus_client import Counter
 
 from schemas import events as ev
 from schemas.events import Invoice
-from schemas.limits import STATEMENT_LINES_MAX, SWEEP_BATCH_MAX
+from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX, STATEMENT_LINES_MAX, SWEEP_BATCH_MAX
 from schemas.redemption import (
     CaptureIn, Hold, HoldIn, Redemption, RedemptionDetail, RedemptionIn, Refund, RefundIn, Statement, VoucherView,
 )
 
 from services.common import idempotency, metrics, outbox
 from services.common.consumer import Delivered
-from services.common.errors import IdempotencyKeyReused, NotFound, ServiceError
+from services.common.errors import IdempotencyKeyReused, NotFound, ServiceError, ValidationFailed
 
 from . import domain, rule_metrics, store
 from .store import (
-    ATTACH_INVOICE_SQL, CAPTURE_HOLD_SQL, CLAIM_INVOICE_SQL, COUNT_OPEN_HOLDS_SQL, DEBIT_VOUCHER_SQL,
-    DUE_HOLD_VOUCHERS_SQL, EXPIRE_VOUCHERS_SQL, FREEZE_SQL, GET_HOLD_SQL, GET_REDEMPTION_SQL, GET_VOUCHER_SQL,
-    HOLD_VOUCHER_SQL, INSERT_HOLD_SQL, INSERT_REDEMPTION_SQL, INSERT_REFUND_SQL, INSERT_VOUCHERS_SQL,
-    LOCK_DUE_VOUCHERS_SQL, LOCK_HOLD_SQL, LOCK_OPEN_HOLDS_SQL, LOCK_REDEMPTION_SQL, LOCK_TIMED_OUT_HOLDS_SQL,
-    LOCK_VOUCHER_SQL, LOCK_VOUCHERS_SKIP_LOCKED_SQL, LOCK_VOUCHERS_SQL, REFUND_REDEMPTION_SQL, REFUND_VOUCHER_SQL,
-    RELEASE_INVOICES_SQL, RESERVE_SQL, SETTLE_HELD_SQL, STATEMENT_REDEMPTIONS_SQL, STATEMENT_REFUNDS_SQL,
-    STATEMENT_TOTALS_SQL, UPSERT_POLICIES_SQL, UPSERT_PROVIDERS_SQL, VOID_HOLDS_SQL,
+    ATTACH_INVOICE_SQL, CAPTURE_HOLD_SQL, CLAIM_INVOICE_SQL, CLAIM_INVOICES_SQL, COUNT_OPEN_HOLDS_SQL,
+    DEBIT_AND_RECORD_SQL, DUE_HOLD_VOUCHERS_SQL, EXPIRE_VOUCHERS_SQL, FREEZE_SQL, GET_HOLD_SQL, GET_REDEMPTION_SQL,
+    GET_VOUCHER_SQL, HOLD_VOUCHER_SQL, INSERT_HOLD_SQL, INSERT_REDEMPTION_SQL,
+    INSERT_REFUND_SQL, INSERT_VOUCHERS_SQL, LOCK_DUE_VOUCHERS_SQL, LOCK_HOLD_SQL, LOCK_OPEN_HOLDS_SQL,
+    LOCK_REDEMPTION_SQL, LOCK_SPEND_VOUCHERS_SQL, LOCK_TIMED_OUT_HOLDS_SQL, LOCK_VOUCHER_SQL,
+    LOCK_VOUCHERS_SKIP_LOCKED_SQL, LOCK_VOUCHERS_SQL, REASSIGN_INVOICES_SQL,
+    REFUND_REDEMPTION_SQL, REFUND_VOUCHER_SQL, RELEASE_INVOICES_SQL, RESERVE_SQL, SETTLE_HELD_SQL,
+    STATEMENT_REDEMPTIONS_SQL, STATEMENT_REFUNDS_SQL, STATEMENT_TOTALS_SQL, UNCLAIM_INVOICES_SQL,
+    UPSERT_POLICIES_SQL, UPSERT_PROVIDERS_SQL, VOID_HOLDS_SQL,
 )
 
 log = logging.getLogger("cvl.redemption.commands")
@@ -58,12 +65,14 @@ CITY_UNKNOWN: Final = "unknown"  # metrics label when a refusal came before the 
 
 @dataclass(frozen=True)
 class Service:
-    """What every command needs from its process: the pool, the topic its events go to, and the relay to wake
-    once they are committed."""
+    """What every command needs from its process: the pool, the topic its events go to, the relay to wake once
+    they are committed, and the process's redemption writer (`writer.Redemptions.submit`; without one, as in
+    tests that call the commands directly, a redemption is written in a transaction of its own)."""
 
     pool: asyncpg.Pool
     topic: str
     wake_relay: Callable[[], None]
+    submit: Callable[[RedeemCommand], Awaitable[RedeemCommand]] | None = None
 
 
 def _event(topic: str, key: str, cls: type[ev.Envelope], data: Any, actor: str, now: dt.datetime):
@@ -158,7 +167,7 @@ async def _lock_hold(conn: asyncpg.Connection, hold_id: str, provider: str | Non
 async def _authorise_spend(conn: asyncpg.Connection, voucher_id: str, amount: int, invoice: Invoice | None, *,
                            provider: str, now: dt.datetime, holding: bool, effect: _Effect) -> domain.VoucherState:
     """Lock the voucher, gather what the spending rules need, and run them (`domain.check_spend`): the one check
-    sequence of a redemption and a hold. A refusal raises and the caller's transaction rolls back, the invoice's
+    sequence of a hold and a redemption (which runs it in its writer batch, `write_redemptions`). A refusal raises and the caller's transaction rolls back, the invoice's
     claim with it.
 
     The invoice is claimed before the checks run: its unique row is what decides between concurrent spends of one
@@ -176,35 +185,257 @@ async def _authorise_spend(conn: asyncpg.Connection, voucher_id: str, amount: in
     return voucher
 
 
-# --- redeem ----------------------------------------------------------------------------------------------------------
+# --- redeem: commands queue for the process's redemption writer (writer.py), which runs `write_redemptions` ------
+
+QUEUED: Final = "queued"        # waiting in the writer's queue
+TAKEN: Final = "taken"          # in a batch whose transaction waits for the voucher locks
+WRITING: Final = "writing"      # decided under the locks: its outcome is the batch's commit
+ABANDONED: Final = "abandoned"  # its caller went (the request timed out) before it was written: it never will be
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+@dataclass
+class RedeemCommand:
+    """One POST /v1/redemptions on its way through the writer: the request, then what the batch decided."""
+
+    body: RedemptionIn
+    provider: str
+    actor: str
+    key: idempotency.Key | None
+    now: dt.datetime
+    city: str = CITY_UNKNOWN     # metrics label, once the voucher was found
+    redemption: Redemption | None = None
+    answer: bytes = b""          # the 201 body of an accepted command
+    refusal: ServiceError | None = None
+    replay: bool = False         # the key was already used: answer with the stored response
+    state: str = QUEUED
+
+    def abandon(self) -> bool:
+        """The caller has gone. True: the command will not be written (the writer skips or drops it). False: it
+        is being written already, and the caller must wait for the outcome to answer truthfully."""
+        if self.state == WRITING:
+            return False
+        self.state = ABANDONED
+        return True
+
+
+class RedeemOutcome(NamedTuple):
+    accepted: int
+    refused: int
+    dropped: int  # abandoned by their callers before anything was decided
+
 
 async def redeem(svc: Service, key: idempotency.Key | None, body: RedemptionIn, *, provider: str, actor: str,
                  now: dt.datetime) -> idempotency.Answer:
     """Debit a voucher for a provider now (201 Redemption), or raise the refusal (nothing is written then).
 
-    The voucher's row lock serialises redemptions of one voucher; the conditional debit and the table's CHECKs
-    keep the balance whole even if that lock were ever missed.
+    The command joins the process's writer batch (one transaction for many redemptions, DESIGN.md "The hot
+    account"); it is decided alone, in arrival order, with the one check sequence. A key used before is answered
+    with its stored response (the key's claim in the batch finds it).
     """
-    effect = _Effect()
+    for _attempt in range(IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX):
+        command = RedeemCommand(body=body, provider=provider, actor=actor, key=key, now=now)
+        command = await (svc.submit(command) if svc.submit is not None else _redeem_alone(svc, command))
+        if command.refusal is not None:
+            raise command.refusal
+        if not command.replay:
+            return idempotency.Answer(201, command.answer)
+        assert key is not None
+        if (stored := await idempotency.lookup(svc.pool, key)) is not None:
+            return stored
+        # The key's first use was refused (or abandoned) and released meanwhile: run this one for real.
+    raise ValidationFailed("the Idempotency-Key is being used by concurrent requests", field=idempotency.HEADER)
 
-    async def transaction(conn: asyncpg.Connection) -> Redemption:
-        voucher = await _authorise_spend(conn, body.voucher_id, body.amount, body.invoice, provider=provider,
-                                         now=now, holding=False, effect=effect)
-        after = store.voucher_after(voucher, await conn.fetchrow(DEBIT_VOUCHER_SQL, voucher.voucher_id, body.amount))
-        assert after.balance == voucher.balance - body.amount
-        invoice = body.invoice
-        redemption_id = str(uuid.uuid4())
-        await conn.execute(INSERT_REDEMPTION_SQL, redemption_id, voucher.voucher_id, provider, body.amount,
-                           invoice.number if invoice else None, invoice.amount if invoice else None, now, None)
-        data = ev.VoucherRedeemedData(redemption_id=redemption_id, voucher_id=voucher.voucher_id, city=voucher.city,
-                                      year=voucher.year, provider=provider, amount=body.amount,
-                                      balance=after.balance, invoice=invoice, program=voucher.program)
-        await outbox.append(conn, [_event(svc.topic, voucher.voucher_id, ev.VoucherRedeemed, data, actor, now)])
-        effect.outcome, effect.amount = "ok", body.amount
-        return Redemption(redemption_id=redemption_id, voucher_id=voucher.voucher_id, provider=provider,
-                          amount=body.amount, balance=after.balance)
 
-    return await _alone(svc, key, 201, effect, transaction, metrics.redemptions, _count_redemption)
+async def _redeem_alone(svc: Service, command: RedeemCommand) -> RedeemCommand:
+    """A redemption in a transaction of its own (a Service without a writer)."""
+    command.state = TAKEN
+    outcome = await commit_redemptions(svc.pool, [command], topic=svc.topic)
+    if outcome.accepted:
+        svc.wake_relay()
+    return command
+
+
+async def commit_redemptions(pool: asyncpg.Pool, commands: list[RedeemCommand], *, topic: str) -> RedeemOutcome:
+    """Write a batch in one transaction; once it committed, count what it did (a replay or a dropped command
+    changed nothing: it is not counted)."""
+    async with pool.acquire() as conn, conn.transaction():
+        outcome = await write_redemptions(conn, commands, topic=topic)
+    refused: Tally[tuple[str, str]] = Tally()
+    redeemed: dict[str, list[int]] = {}
+    for c in commands:
+        if c.replay or c.state == ABANDONED:
+            continue
+        if c.refusal is not None:
+            refused[(c.city, c.refusal.code)] += 1
+        else:
+            counts = redeemed.setdefault(c.city, [0, 0])
+            counts[0] += 1
+            counts[1] += c.body.amount
+    for (city, code), n in refused.items():
+        metrics.redemptions.labels(city, code).inc(n)
+    for city, (n, amount) in redeemed.items():
+        metrics.redemptions.labels(city, "ok").inc(n)
+        metrics.amount_redeemed.labels(city).inc(amount)
+    return outcome
+
+
+async def write_redemptions(conn: asyncpg.Connection, commands: list[RedeemCommand], *,
+                            topic: str) -> RedeemOutcome:
+    """Decide and write a writer's batch in the caller's transaction, one statement per step for the whole batch.
+
+    Lock order, as everywhere here: idempotency keys (sorted), the vouchers (sorted, one statement), then invoice
+    claims (sorted). Commands whose callers went during the lock wait are dropped; the rest are decided alone, in
+    arrival order, with `domain.check_spend` against the voucher as the earlier commands of the batch left it (a
+    refusal refuses only its command), and written: debits, redemptions, their events, stored answers.
+
+    Invoices are claimed before the checks run, as for a hold (the unique row decides between concurrent spends);
+    a claim is held by the first accepted spend of its invoice in the batch, and one no accepted spend holds is
+    given up before the commit.
+    """
+    assert conn.is_in_transaction()
+    assert all(c.state in (TAKEN, ABANDONED) for c in commands)
+    # A key is claimed once per batch, with the request of its first command; its later commands with the same
+    # request are retries, decided in turn (a retry of a refused command runs again, as it would after the refusal
+    # rolled back; a retry of an accepted one replays its answer).
+    claimers: dict[tuple[str, str], RedeemCommand] = {}
+    for c in commands:
+        if c.key is not None:
+            claimers.setdefault((c.key.principal, c.key.key), c)
+    claimed: set[tuple[str, str]] = set()
+    if claimers:
+        claimed = await idempotency.claim_many(conn, [c.key for c in claimers.values()])  # type: ignore[misc]
+    for c in commands:
+        if c.key is not None:
+            k = (c.key.principal, c.key.key)
+            # Used before (answered from its stored response), or with another request in this batch (found out
+            # once this batch committed).
+            c.replay = k not in claimed or c.key.request_hash != claimers[k].key.request_hash  # type: ignore
+    live = [c for c in commands if not c.replay]
+    pairs = sorted({(c.body.voucher_id, c.provider) for c in live})
+    rows = await conn.fetch(LOCK_SPEND_VOUCHERS_SQL, [v for v, _ in pairs], [p for _, p in pairs]) if pairs else []
+    # The lock wait is where a batch spends its time. A caller that went meanwhile was told 503: its command is
+    # dropped here, before anything is decided; from here on, a caller that goes waits for the commit instead.
+    gone = [c for c in live if c.state == ABANDONED]
+    live = [c for c in live if c.state != ABANDONED]
+    for c in live:
+        c.state = WRITING
+    vouchers: dict[str, domain.VoucherState] = {}
+    whitelists: dict[str, list[str] | None] = {}
+    for r in rows:
+        if r["voucher_id"] not in vouchers:
+            vouchers[r["voucher_id"]] = store.voucher_state(r)
+        whitelists[r["provider"]] = r["provider_cities"]
+    before = dict(vouchers)
+
+    # Invoice claims: one per (provider, number) the batch spends on a voucher that exists, for its first spender.
+    first: dict[tuple[str, str], RedeemCommand] = {}
+    for c in live:
+        if c.body.invoice is not None and c.body.voucher_id in vouchers:
+            first.setdefault((c.provider, c.body.invoice.number), c)
+    claimed_invoices: set[tuple[str, str]] = set()
+    if first:
+        claimed_invoices = {(r["provider"], r["invoice_number"]) for r in await conn.fetch(
+            CLAIM_INVOICES_SQL, *_invoice_columns(first))}
+
+    holder: dict[tuple[str, str], RedeemCommand] = {}  # invoice → the accepted spend that holds its claim
+    accepted: list[RedeemCommand] = []
+    answered: set[tuple[str, str]] = set()  # keys of the accepted commands
+    refused = 0
+    for c in live:
+        if c.key is not None and (c.key.principal, c.key.key) in answered:
+            c.replay = True  # a retry of a command accepted earlier in this batch: it replays that answer
+            continue
+        voucher = vouchers.get(c.body.voucher_id)
+        if voucher is None:
+            c.refusal = NotFound(f"no voucher {c.body.voucher_id} (a new voucher is redeemable once its mint event "
+                                 "is consumed)", field="voucher_id")
+            refused += 1
+            continue
+        c.city = voucher.city
+        invoice = c.body.invoice
+        ikey = None if invoice is None else (c.provider, invoice.number)
+        try:
+            domain.check_spend(voucher, provider=c.provider, whitelisted_cities=whitelists.get(c.provider),
+                               amount=c.body.amount, invoice=invoice,
+                               invoice_claimed=ikey is None or (ikey in claimed_invoices and ikey not in holder),
+                               now=c.now)
+        except ServiceError as refusal:
+            c.refusal = refusal
+            refused += 1
+            continue
+        after = dataclasses.replace(voucher, balance=voucher.balance - c.body.amount,
+                                    redeemed=voucher.redeemed + c.body.amount)
+        domain.assert_value_conserved(after)
+        vouchers[voucher.voucher_id] = after
+        if ikey is not None:
+            holder[ikey] = c
+        c.redemption = Redemption(redemption_id=str(uuid.uuid4()), voucher_id=voucher.voucher_id,
+                                  provider=c.provider, amount=c.body.amount, balance=after.balance)
+        c.answer = _encoder.encode(c.redemption)
+        accepted.append(c)
+        if c.key is not None:
+            answered.add((c.key.principal, c.key.key))
+
+    moved = {k: c for k, c in holder.items() if first[k] is not c}
+    if moved:
+        await conn.execute(REASSIGN_INVOICES_SQL, *_invoice_columns(moved))
+    unheld = sorted(claimed_invoices - holder.keys())
+    if unheld:
+        await conn.execute(UNCLAIM_INVOICES_SQL, [p for p, _ in unheld], [n for _, n in unheld])
+    if accepted:
+        await _write_debits(conn, accepted, before, vouchers, topic)
+        done = [c for c in accepted if c.key is not None]
+        if done:
+            await idempotency.complete_many(conn, [(c.key, 201, c.answer) for c in done])  # type: ignore[misc]
+    # Refused and dropped commands change nothing, their keys included: release them so that a retry runs again.
+    released = [claimers[k].key for k in sorted(claimed - answered)]
+    if released:
+        await idempotency.release_many(conn, released)  # type: ignore[arg-type]
+    return RedeemOutcome(len(accepted), refused, len(gone))
+
+
+def _invoice_columns(claims: dict[tuple[str, str], RedeemCommand]) -> list[list]:
+    """Invoice claims as the parallel arrays of CLAIM_INVOICES_SQL and REASSIGN_INVOICES_SQL."""
+    columns: list[list] = [[], [], [], [], []]
+    for (provider, number), c in claims.items():
+        assert c.body.invoice is not None
+        for column, value in zip(columns, (provider, number, c.body.invoice.amount, c.body.voucher_id, c.now)):
+            column.append(value)
+    return columns
+
+
+async def _write_debits(conn: asyncpg.Connection, accepted: list[RedeemCommand],
+                        before: dict[str, domain.VoucherState], decided: dict[str, domain.VoucherState],
+                        topic: str) -> None:
+    """The accepted commands' debits (one conditional UPDATE per voucher, for its total) and redemption rows in one
+    statement, and their VoucherRedeemed events in another."""
+    totals: dict[str, int] = {}
+    for c in accepted:
+        totals[c.body.voucher_id] = totals.get(c.body.voucher_id, 0) + c.body.amount
+    ids = sorted(totals)
+    columns: list[list] = [[], [], [], [], [], [], []]
+    events = []
+    for c in accepted:
+        redemption, invoice = c.redemption, c.body.invoice
+        assert redemption is not None
+        voucher = decided[redemption.voucher_id]
+        for column, value in zip(columns, (
+                redemption.redemption_id, redemption.voucher_id, c.provider, redemption.amount,
+                invoice.number if invoice else None, invoice.amount if invoice else None, c.now)):
+            column.append(value)
+        data = ev.VoucherRedeemedData(redemption_id=redemption.redemption_id, voucher_id=voucher.voucher_id,
+                                      city=voucher.city, year=voucher.year, provider=c.provider,
+                                      amount=redemption.amount, balance=redemption.balance, invoice=invoice,
+                                      program=voucher.program)
+        events.append(_event(topic, voucher.voucher_id, ev.VoucherRedeemed, data, c.actor, c.now))
+    debited = await conn.fetch(DEBIT_AND_RECORD_SQL, ids, [totals[i] for i in ids], *columns)
+    assert len(debited) == len(ids), "a locked voucher refused a debit its checks allowed"
+    for r in debited:
+        after = store.voucher_after(before[r["voucher_id"]], r)
+        assert after == decided[after.voucher_id], f"voucher {after.voucher_id}: written {after}, decided otherwise"
+    await outbox.append(conn, events)
 
 
 # --- holds -----------------------------------------------------------------------------------------------------------
@@ -386,6 +617,10 @@ async def refund(svc: Service, key: idempotency.Key | None, redemption_id: str, 
 
 # --- consumed: the issuing topic -------------------------------------------------------------------------------------
 
+# The issuing events `apply_issuing_events` acts on; the consumer neither records nor hands over the others.
+ISSUING_EVENTS_APPLIED: Final = (ev.VoucherMinted, ev.ProviderSet, ev.BudgetSet, ev.VoucherRevoked)
+
+
 @dataclass
 class IssuingBatch:
     """What one consumer batch did here (for its metrics and logs)."""
@@ -402,7 +637,8 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
 
     Written as one multi-row statement per kind, in key order so that concurrent writers lock rows in one order.
     Mints are written before revocations: a voucher's VoucherRevoked always follows its VoucherMinted (same key,
-    same partition), possibly in the same batch. Other issuing events are not needed here.
+    same partition), possibly in the same batch. Other issuing events are not needed here (the consumer hands over
+    only ISSUING_EVENTS_APPLIED).
     """
     assert conn.is_in_transaction()
     minted: dict[str, ev.VoucherMintedData] = {}

@@ -1,4 +1,5 @@
-"""Redemption metrics for the program rules: holds, refunds, freezes (revocation), expiry and the sweepers."""
+"""Redemption metrics for the program rules: holds, refunds, freezes (revocation), expiry and the sweepers; and the
+redemption writer's batches."""
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
@@ -20,3 +21,5 @@ sweep_duration = Histogram("cvl_sweep_duration_seconds", "Duration of one sweepe
                            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
 unknown_revocations = Counter("cvl_redemption_unknown_revocations_total",
                               "Revocations of a voucher whose mint was never consumed here (skipped)")
+redemption_batch_size = Histogram("cvl_redemption_batch_commands", "Redemption commands per writer transaction",
+                                  buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

@@ -61,15 +61,54 @@ INSERT INTO subsidised_invoices (provider, invoice_number, invoice_amount, vouch
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (provider, invoice_number) DO NOTHING
 RETURNING true"""
-# The final arbiter: a voucher is only ever debited within its balance, and only while active.
-DEBIT_VOUCHER_SQL: Final = f"""
-UPDATE vouchers SET balance = balance - $2, redeemed = redeemed + $2
-WHERE voucher_id = $1 AND balance >= $2 AND status = 'active'
-{_VOUCHER_RETURNING}"""
 INSERT_REDEMPTION_SQL: Final = """
 INSERT INTO redemptions (redemption_id, voucher_id, provider, amount, invoice_number, invoice_amount, created_at,
                          hold_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"""
+
+# --- the redemption writer's batch (commands.write_redemptions): one statement per step for many commands ----------
+
+# The batch's vouchers, locked in id order (the order of every multi-voucher lock here), one row per (voucher,
+# provider asking) pair, with the cities that provider is whitelisted for (NULL: nowhere).
+LOCK_SPEND_VOUCHERS_SQL: Final = f"""
+SELECT {_VOUCHER_FIELDS}, k.provider, p.cities AS provider_cities
+FROM unnest($1::uuid[], $2::text[]) AS k(voucher_id, provider)
+JOIN vouchers v ON v.voucher_id = k.voucher_id
+LEFT JOIN providers p ON p.provider = k.provider
+ORDER BY v.voucher_id
+FOR UPDATE OF v"""
+# Claims in (provider, invoice number) order, so that concurrent batches take them in one order.
+CLAIM_INVOICES_SQL: Final = """
+INSERT INTO subsidised_invoices (provider, invoice_number, invoice_amount, voucher_id, created_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::uuid[], $5::timestamptz[])
+ORDER BY 1, 2
+ON CONFLICT (provider, invoice_number) DO NOTHING
+RETURNING provider, invoice_number"""
+# A claim whose first claimant was refused passes to the next spend of that invoice in the batch ...
+REASSIGN_INVOICES_SQL: Final = """
+UPDATE subsidised_invoices s SET invoice_amount = k.amount, voucher_id = k.voucher_id, created_at = k.created_at
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::uuid[], $5::timestamptz[])
+     AS k(provider, invoice_number, amount, voucher_id, created_at)
+WHERE s.provider = k.provider AND s.invoice_number = k.invoice_number AND s.hold_id IS NULL"""
+# ... and a claim no accepted spend of the batch holds is given up (a refused spend claims nothing).
+UNCLAIM_INVOICES_SQL: Final = """
+DELETE FROM subsidised_invoices s USING unnest($1::text[], $2::text[]) AS k(provider, invoice_number)
+WHERE s.provider = k.provider AND s.invoice_number = k.invoice_number AND s.hold_id IS NULL"""
+# The final arbiter, per voucher for the batch's total: debited only within its balance, and only while active;
+# and the batch's redemption rows ($3..$9), in the same statement.
+DEBIT_AND_RECORD_SQL: Final = """
+WITH debited AS (
+    UPDATE vouchers v SET balance = v.balance - k.amount, redeemed = v.redeemed + k.amount
+    FROM unnest($1::uuid[], $2::bigint[]) AS k(voucher_id, amount)
+    WHERE v.voucher_id = k.voucher_id AND v.balance >= k.amount AND v.status = 'active'
+    RETURNING v.voucher_id::text, v.amount, v.balance, v.held, v.redeemed, v.refunded, v.returned, v.expired, v.status
+), recorded AS (
+    INSERT INTO redemptions (redemption_id, voucher_id, provider, amount, invoice_number, invoice_amount, created_at)
+    SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[], $8::bigint[],
+                         $9::timestamptz[])
+)
+SELECT * FROM debited"""
+
 _REDEMPTION_FIELDS: Final = """
 r.redemption_id::text, r.voucher_id::text, r.provider, r.amount, r.refunded, r.hold_id::text, r.invoice_number,
 r.invoice_amount, r.created_at"""
