@@ -7,6 +7,7 @@ Phases, in order (each prints one JSON line; `.run/bench-report.json` gets them 
   mint_single_wrk   the same driven by wrk (C), by time: the headline single-mint figure
   mint_batch        POST /v1/vouchers/batch of 1000 vouchers, sustained by time (BENCH_BATCH_S)
   redeem            redemptions of 1 spread over many vouchers, by count
+  redeem_wrk        the same driven by wrk, by time: the headline redemption figure
   ack_to_ledger_after_load   sequential probes once the load is over
 
 During every load phase a probe mints one voucher every BENCH_PROBE_INTERVAL_S and times acknowledgement → its
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Final
 
 import aiohttp
+import asyncpg
 
 from load.cpu import CpuMeter, Snapshot, per_unit_us
 from load.naive import NaiveDatabase, pct, pgbench_binary, run_pgbench
@@ -386,6 +388,56 @@ async def redeem(w: World, args: argparse.Namespace) -> dict | None:
         return await win.close(out, "redemption", answered)
 
 
+REDEEMED_SQL: Final = "SELECT coalesce(sum(amount), 0) FROM redemption.redemptions"
+
+
+def wrk_redemptions(url: str, token: str, ids_path: Path, *, seconds: int, connections: int) -> dict:
+    """Blocking: redemptions of 1 fen cycling over many vouchers, driven by wrk."""
+    env = {**os.environ, "CVL_WRK_TOKEN": token, "CVL_WRK_VOUCHERS": str(ids_path)}
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+                          "-s", str(Path(__file__).with_name("redeem.lua")), f"{url}/v1/redemptions"],
+                         env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def redeem_wrk(w: World, args: argparse.Namespace) -> dict | None:
+    """Redemptions driven by wrk over vouchers the Python redeem phase did not touch: the headline redemption
+    figure, since the Python client would take a large share of the two cores itself."""
+    targets = w.minted[args.redemption_vouchers: 2 * args.redemption_vouchers]
+    if not targets:
+        print(json.dumps({"phase": "redeem_wrk", "skipped": "not enough vouchers minted by the Python client"}))
+        return None
+    url = w.stack.url("redemption")
+    s, _ = await w.client.get(f"{url}/v1/vouchers/{targets[-1]['voucher_id']}", w.provider_token)
+    assert s == 200, f"the redemption service has not consumed voucher {targets[-1]['voucher_id']}"
+    ids_path = REPORT.parent / "bench-redeem-vouchers.txt"
+    ids_path.write_text("".join(v["voucher_id"] + "\n" for v in targets))
+    conn = await asyncpg.connect(w.stack.dsn)
+    try:
+        before = await conn.fetchval(REDEEMED_SQL)
+        async with Window(w, "redeem_wrk") as win:
+            counts = await asyncio.to_thread(wrk_redemptions, url, w.provider_token, ids_path,
+                                             seconds=args.wrk_seconds, connections=args.concurrency)
+            await win.load_done(settle_s=1.0)
+            # wrk stops with up to `connections` requests in flight: those may have committed uncounted, so the
+            # redemption service's own total is what the ledger must agree with.
+            committed = int(await conn.fetchval(REDEEMED_SQL) - before)  # sum(bigint) is numeric
+            assert counts["created"] <= committed <= counts["created"] + args.concurrency, (counts, committed)
+            w.redeemed_fen += committed
+            seconds = counts["duration_us"] / 1e6
+            answered = counts["created"] + counts["refused"]
+            out = {"client": "wrk", "per_second": round(answered / seconds, 1), "accepted": counts["created"],
+                   "committed_fen": committed, "over_vouchers": len(targets), "requests": counts["requests"],
+                   "seconds": round(seconds, 3), "p50_ms": round(counts["p50_us"] / 1000, 2),
+                   "p99_ms": round(counts["p99_us"] / 1000, 2),
+                   "statuses": {"201": counts["created"], "409": counts["refused"], "other": counts["other"]},
+                   "socket_errors": counts["socket_errors"], "concurrency": args.concurrency}
+            return await win.close(out, "redemption", answered)
+    finally:
+        await conn.close()
+        ids_path.unlink(missing_ok=True)
+
+
 async def ack_to_ledger_after_load(w: World, probes: int) -> dict:
     """Sequential probes once the load is over: mint one voucher, then poll the ledger until its account exists."""
     delays, timeouts = [], 0
@@ -525,6 +577,8 @@ async def main(args: argparse.Namespace) -> int:
             if args.batch_seconds > 0:
                 phases.append(await mint_batch(w, args))
             if (r := await redeem(w, args)) is not None:
+                phases.append(r)
+            if shutil.which("wrk") and args.wrk_seconds > 0 and (r := await redeem_wrk(w, args)) is not None:
                 phases.append(r)
             if args.probes_after > 0:
                 phases.append(await ack_to_ledger_after_load(w, args.probes_after))

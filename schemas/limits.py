@@ -75,6 +75,8 @@ OUTBOX_LEADER_RETRY_S: Final = 1.0         # how often a non-leader relay tries 
 OUTBOX_STATS_INTERVAL_S: Final = 1.0       # how often the relay refreshes its pending/lag gauges
 CONSUMER_BATCH_MAX: Final = 2000           # events one consumer transaction applies
 CONSUMER_POLL_MS: Final = 200
+CONSUMER_FETCH_MIN_BYTES: Final = 64 * 1024  # a fetch waits for this much ...
+CONSUMER_FETCH_WAIT_MS: Final = 20          # ... or this long (the latency it may add per hop when idle)
 CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects
 CONSUMER_LAG_INTERVAL_S: Final = 1.0       # how often a consumer refreshes its lag gauges
 
