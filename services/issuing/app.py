@@ -109,8 +109,8 @@ async def put_provider(request: web.Request) -> web.Response:
 
 async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, batch: bool) -> web.Response:
     who = principal(request)
-    for v in vouchers:
-        require(who, "issuer", city=v.city)
+    for city in dict.fromkeys(v.city for v in vouchers):  # each city once, in the order of first mention
+        require(who, "issuer", city=city)
     key = http.idempotency_key(request, who, raw)
     return http.answer(await commands.mint(request.app[COMMANDS], request.app[WRITERS], who.subject, vouchers, key,
                                            batch=batch))

@@ -184,24 +184,32 @@ def check_programs(programs: dict[ProgramKey, ProgramState], vouchers: Sequence[
         program = programs.get((v.city, v.program))
         if program is None:
             raise NotFound(f"city {v.city} has no program {v.program}")
+        if program.eligible is None and (v.kind is None or v.kind == program.kind):
+            continue  # nothing to check (the common case: spares naming the fields of every voucher of a batch)
         check_kind(v, program, field=voucher_field(i, "kind", batch=batch))
         check_eligible(v, program, field=voucher_field(i, "beneficiary_profile", batch=batch))
 
 
 def needs(vouchers: list[MintIn]) -> dict[BudgetKey, int]:
     """What a command takes from each (city, program, year) budget."""
-    out: dict[BudgetKey, int] = defaultdict(int)
+    if len(vouchers) == 1:  # a single mint
+        v = vouchers[0]
+        return {BudgetKey(v.city, v.program, v.year): v.amount}
+    out: dict[tuple[str, str, int], int] = defaultdict(int)
     for v in vouchers:
-        out[BudgetKey(v.city, v.program, v.year)] += v.amount
-    return out
+        out[(v.city, v.program, v.year)] += v.amount
+    return {BudgetKey(*k): amount for k, amount in out.items()}
 
 
 def usage_needs(vouchers: list[MintIn]) -> dict[UsageKey, int]:
     """What a command adds to each enterprise's yearly usage of a budget."""
-    out: dict[UsageKey, int] = defaultdict(int)
+    if len(vouchers) == 1:
+        v = vouchers[0]
+        return {UsageKey(v.city, v.program, v.year, v.beneficiary): v.amount}
+    out: dict[tuple[str, str, int, str], int] = defaultdict(int)
     for v in vouchers:
-        out[UsageKey(v.city, v.program, v.year, v.beneficiary)] += v.amount
-    return out
+        out[(v.city, v.program, v.year, v.beneficiary)] += v.amount
+    return {UsageKey(*k): amount for k, amount in out.items()}
 
 
 def check_budgets_cover(budgets: dict[BudgetKey, BudgetState], need: dict[BudgetKey, int]) -> None:

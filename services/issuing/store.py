@@ -128,12 +128,6 @@ FOR UPDATE OF b"""
 GET_PROGRAMS_SQL: Final = """
 SELECT p.city, p.program, p.name, p.kind, p.eligible
 FROM programs p JOIN unnest($1::text[], $2::text[]) AS k(city, program) USING (city, program)"""
-# The final arbiter across replicas: a budget row is only ever raised within its amount.
-COMMIT_BUDGETS_SQL: Final = """
-UPDATE budgets b SET committed = b.committed + k.delta, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, delta)
-WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.committed + k.delta <= b.amount
-RETURNING b.city, b.program, b.year, b.amount, b.committed"""
 # Usage rows are written only under their budget row's lock (taken just before): the FOR UPDATE is belt and braces.
 LOCK_USAGE_SQL: Final = """
 SELECT u.city, u.program, u.year, u.beneficiary, u.used
@@ -157,14 +151,31 @@ FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::bigint[], $6::big
 WHERE k.cap IS NULL OR k.delta <= k.cap
 ORDER BY k.city, k.program, k.year, k.beneficiary
 RETURNING city, program, year, beneficiary, used"""
-INSERT_VOUCHERS_SQL: Final = """
-INSERT INTO vouchers (voucher_id, city, program, year, beneficiary, kind, amount, subsidy_ratio_bp, providers,
-                      expires_at, created_at)
-SELECT v.id, v.city, v.program, v.year, v.beneficiary, v.kind, v.amount, v.ratio,
-       CASE WHEN v.providers = '' THEN NULL ELSE string_to_array(v.providers, ',') END, v.expires_at, $11
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::bigint[], $8::int[],
-            $9::text[], $10::timestamptz[])
-     AS v(id, city, program, year, beneficiary, kind, amount, ratio, providers, expires_at)"""
+# The batch's writes in ONE statement (one round trip): the budgets raised (the final arbiter across replicas: a budget
+# row is only ever raised within its amount), the usage of budgets without a cap added to (rows created as needed; a
+# capped budget's usage is written by RAISE_USAGE_SQL / INSERT_USAGE_SQL, within the cap), and the vouchers inserted.
+# Every row it touches is under the budget row locks the batch holds, so the order in which PostgreSQL runs the parts
+# does not matter; a budget that refuses its update fails the batch, which then rolls back whole.
+WRITE_MINTS_SQL: Final = """
+WITH usage AS (
+    INSERT INTO enterprise_usage AS u (city, program, year, beneficiary, used)
+    SELECT * FROM unnest($5::text[], $6::text[], $7::int[], $8::text[], $9::bigint[])
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT (city, program, year, beneficiary) DO UPDATE SET used = u.used + EXCLUDED.used
+    RETURNING 1
+), minted AS (
+    INSERT INTO vouchers (voucher_id, city, program, year, beneficiary, kind, amount, subsidy_ratio_bp, providers,
+                          expires_at, created_at)
+    SELECT v.id, v.city, v.program, v.year, v.beneficiary, v.kind, v.amount, v.ratio,
+           CASE WHEN v.providers = '' THEN NULL ELSE string_to_array(v.providers, ',') END, v.expires_at, $20
+    FROM unnest($10::uuid[], $11::text[], $12::text[], $13::int[], $14::text[], $15::text[], $16::bigint[], $17::int[],
+                $18::text[], $19::timestamptz[])
+         AS v(id, city, program, year, beneficiary, kind, amount, ratio, providers, expires_at)
+)
+UPDATE budgets b SET committed = b.committed + k.delta, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, delta)
+WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.committed + k.delta <= b.amount
+RETURNING b.city, b.program, b.year, b.amount, b.committed, (SELECT count(*) FROM usage) AS usage_rows"""
 
 
 _eligibility_decoder: Final = msgspec.json.Decoder(ev.Eligibility)

@@ -44,6 +44,8 @@ class Writers:
         self._queues: dict[BudgetKey, asyncio.Queue] = {}
         self._tasks: dict[BudgetKey, asyncio.Task] = {}
         self._solo: set[asyncio.Task] = set()  # commands on several budgets, each in a transaction of its own
+        self._gauges: dict[BudgetKey, tuple] = {}  # a budget's labelled gauges, looked up once (`_budget_gauges`)
+        self._counters: dict[tuple[str, int], tuple] = {}  # (city, year) -> its minted counters (vouchers, amount)
         self._closing = False
 
     async def submit(self, key: BudgetKey | None, command: MintCommand) -> MintCommand:
@@ -133,9 +135,8 @@ class Writers:
         self.on_commit()
         metrics.mint_batch_size.observe(len(commands) - outcome.dropped)
         for key, budget in outcome.budgets.items():
-            rule_metrics.program_budget_available.labels(key.city, key.program, str(key.year)).set(budget.available)
-            if key.program == DEFAULT_PROGRAM:  # the first release's gauge: the city budget
-                metrics.budget_available.labels(key.city, str(key.year)).set(budget.available)
+            for gauge in self._budget_gauges(key):
+                gauge.set(budget.available)
         minted: dict[tuple[str, int], list[int]] = {}  # per (city, year), over its programs
         for command, future in batch:
             if command.state == ABANDONED:  # dropped under the locks: its caller was told 503, nothing was written
@@ -149,14 +150,26 @@ class Writers:
             elif command.refusal is not None:
                 v = command.vouchers[0]
                 metrics.mint_refusals.labels(v.city, str(v.year), command.refusal.code).inc()
-            if not future.done():
-                future.set_result(command)
+            _answer(command, future)
         for (city, year), (count, amount) in minted.items():
-            metrics.vouchers_minted.labels(city, str(year)).inc(count)
-            metrics.amount_minted.labels(city, str(year)).inc(amount)
+            if (counters := self._counters.get((city, year))) is None:
+                counters = self._counters[(city, year)] = (metrics.vouchers_minted.labels(city, str(year)),
+                                                           metrics.amount_minted.labels(city, str(year)))
+            counters[0].inc(count)
+            counters[1].inc(amount)
         log.debug("mint batch committed", extra={"commands": len(commands), "accepted": outcome.accepted,
                                                  "refused": outcome.refused, "dropped": outcome.dropped,
                                                  "ms": round((time.perf_counter() - started) * 1000, 2)})
+
+    def _budget_gauges(self, key: BudgetKey) -> tuple:
+        """The gauges of a budget's available amount: per program, and for `default` the first release's city
+        budget's."""
+        if (gauges := self._gauges.get(key)) is None:
+            gauges = (rule_metrics.program_budget_available.labels(key.city, key.program, str(key.year)),)
+            if key.program == DEFAULT_PROGRAM:
+                gauges += (metrics.budget_available.labels(key.city, str(key.year)),)
+            self._gauges[key] = gauges
+        return gauges
 
     async def close(self) -> None:
         """Drain: stop taking commands; every writer commits what is queued, then stops."""
@@ -167,26 +180,47 @@ class Writers:
 
 
 async def _outcome(command: MintCommand, future: asyncio.Future) -> MintCommand:
-    """The caller's side: the written outcome of its command, or a cancellation only when nothing will be written."""
+    """The caller's side: the written outcome of its command, or a cancellation only when nothing will be written.
+
+    The future is awaited unshielded (no second future per mint): a caller that goes cancels it, and the writer
+    keeps the outcome on the command (`_answer`), which is where a caller whose command is being written finds it.
+    """
     try:
-        # Shielded: the caller going must not cancel the future the writer answers on.
-        return await asyncio.shield(future)
+        return await future
     except asyncio.CancelledError:
-        if command.abandon():
+        if not command.answered and command.abandon():
             raise  # the writer skips or drops it: "not minted" is the truth behind the 503
-    # Being written: the commit is a statement away (bounded by the PG command timeout); answer what it did.
-    log.warning("a mint's caller went while it was being written; answering its outcome late")
-    try:
-        return await asyncio.wait_for(asyncio.shield(future), PG_COMMAND_TIMEOUT_S)
-    except TimeoutError as exc:
-        raise Unavailable("the mint's outcome is not known yet; retry with the same Idempotency-Key") from exc
+    # Answered already, or being written: the commit is a statement away (bounded by the PG command timeout).
+    if not command.answered:
+        log.warning("a mint's caller went while it was being written; answering its outcome late")
+        command.late = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(command.late), PG_COMMAND_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise Unavailable("the mint's outcome is not known yet; retry with the same Idempotency-Key") from exc
+    if command.error is not None:
+        raise command.error
+    return command
+
+
+def _answer(command: MintCommand, future: asyncio.Future, error: Unavailable | None = None) -> None:
+    """Give a command that is not abandoned its outcome: on the command, on the future its caller awaits (unless the
+    caller went and cancelled it), and on the future of a caller waiting for it late."""
+    command.answered, command.error = True, error
+    for f in (future, command.late):
+        if f is not None and not f.done():
+            if error is None:
+                f.set_result(command)
+            else:
+                f.set_exception(error)
 
 
 def _fail(item: Pending, error: Unavailable) -> None:
     command, future = item
-    if future.done():
+    if command.answered:
         return
     if command.state == ABANDONED:
-        future.cancel()  # no one awaits it: an exception would be reported as never retrieved
+        if not future.done():
+            future.cancel()  # no one awaits it: an exception would be reported as never retrieved
     else:
-        future.set_exception(error)
+        _answer(command, future, error)
