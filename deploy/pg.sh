@@ -236,7 +236,10 @@ ensure_role_and_db() {
 
 publish_env() {
   local port="$1"
-  set_env_var CVL_PG_DSN "postgresql://$DB_ROLE@127.0.0.1:$port/$DB_NAME"
+  # The services reach the cluster over its Unix socket (the host is the socket directory, percent-encoded): a round
+  # trip costs the client about a third less CPU than loopback TCP, and every command makes several. The server
+  # still listens on 127.0.0.1:$port for everything else (psql, pgbench, users' tools).
+  set_env_var CVL_PG_DSN "postgresql://$DB_ROLE@${SOCK_DIR//\//%2F}:$port/$DB_NAME"
 }
 
 # ---- commands ---------------------------------------------------------------

@@ -46,6 +46,7 @@ TOKEN_LENGTH_MAX: Final = 4096
 TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
 TOKEN_CACHE_MAX: Final = 10_000            # verified tokens kept per process (until they expire)
 READY_CHECK_TIMEOUT_S: Final = 2.0
+GC_YOUNG_OBJECTS: Final = 50_000            # allocations between young-generation collections (CPython: 700)
 RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
 LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted (bursts of a load test)
 

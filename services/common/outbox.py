@@ -16,7 +16,6 @@ import collections
 import datetime as dt
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Final
 
@@ -25,7 +24,7 @@ import msgspec
 
 from schemas.events import Envelope
 
-from . import kafka, metrics
+from . import ids, kafka, metrics
 from .settings import Settings
 from schemas.limits import OUTBOX_BATCH_MAX, OUTBOX_IDLE_POLL_S, OUTBOX_LEADER_RETRY_S, OUTBOX_STATS_INTERVAL_S
 
@@ -48,7 +47,7 @@ def now() -> dt.datetime:
 
 def envelope(cls: type[Envelope], data: msgspec.Struct, *, producer: str, actor: str,
              occurred_at: dt.datetime | None = None) -> Envelope:
-    return cls(event_id=str(uuid.uuid4()), occurred_at=occurred_at or now(), producer=producer, actor=actor,
+    return cls(event_id=ids.uuid4(), occurred_at=occurred_at or now(), producer=producer, actor=actor,
                data=data)  # type: ignore[call-arg]
 
 

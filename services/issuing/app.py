@@ -19,12 +19,12 @@ from schemas.issuing import (
 
 from services.common import db, http, idempotency, kafka, outbox, tasks
 from services.common.auth import require
-from services.common.consumer import Consumer, Delivered
+from services.common.consumer import Consumer, Delivered, of_types
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
-from . import commands
+from . import commands, domain
 from .writer import Writers
 
 SCHEMA: Final = "issuing"
@@ -197,7 +197,7 @@ def create_app(settings: Settings) -> web.Application:
             await commands.apply_redemption_events(conn, delivered, topic=settings.topic_issuing)
 
         consumer = Consumer(settings, pool, topics=[settings.topic_redemption], group=CONSUMER_GROUP,
-                            handler=apply_redemption_events)
+                            handler=apply_redemption_events, wants=of_types(*domain.SETTLING_EVENTS))
         app[POOL], app[WRITERS] = pool, writers
         app[COMMANDS] = commands.Issuing(pool, settings.topic_issuing, relay.wake)
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from schemas.issuing import (
 from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX
 
 from services.common import idempotency, metrics, outbox
+from services.common.ids import uuid4s
 from services.common.auth import Principal, require
 from services.common.consumer import Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
@@ -365,28 +365,13 @@ async def _raise_usage(conn: asyncpg.Connection, budgets: dict[BudgetKey, Budget
             assert r["used"] == usage[UsageKey(r["city"], r["program"], r["year"], r["beneficiary"])]
 
 
-_UUID_VERSION_4: Final = bytes(b & 0x0F | 0x40 for b in range(256))  # byte 6: the version nibble
-_UUID_VARIANT_RFC_4122: Final = bytes(b & 0x3F | 0x80 for b in range(256))  # byte 8: the variant bits
-
-
-def _uuid4s(n: int) -> list[str]:
-    """`n` random (version 4) UUIDs in their canonical text form, from one read of the OS's random source: the same
-    as str(uuid.uuid4()) n times, without a system call and two objects per id."""
-    raw = bytearray(os.urandom(16 * n))
-    raw[6::16] = raw[6::16].translate(_UUID_VERSION_4)
-    raw[8::16] = raw[8::16].translate(_UUID_VARIANT_RFC_4122)
-    h = raw.hex()
-    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, 32 * n, 32)]
-
-
 def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetState],
                   programs: dict[ProgramKey, ProgramState], topic: str) -> list[tuple[str, str, ev.Envelope]]:
     """The accepted commands' vouchers (each command's `minted`, its answer) and their VoucherMinted events (one per
     voucher, keyed by its id)."""
     now = outbox.now()
     n = sum(len(c.vouchers) for c in accepted)
-    ids = _uuid4s(2 * n)  # the vouchers' ids, then their events'
+    ids = uuid4s(2 * n)  # the vouchers' ids, then their events'
     events = []
     i = 0
     for c in accepted:

@@ -21,7 +21,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from schemas import events as ev
 from schemas.common import DEFAULT_PROGRAM
@@ -310,6 +310,10 @@ def settle_expired(s: Settlement, amount: int, disposition: str, year: int) -> N
     else:
         s.lapsed += amount
     s.expired = True
+
+
+# The redemption events that give value back; the consumer claims and hands over only these.
+SETTLING_EVENTS: Final = (ev.VoucherFrozen, ev.VoucherExpired)
 
 
 def settlements(events: Iterable[ev.Event]) -> dict[str, Settlement]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import uuid
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from schemas.redemption import (
 )
 
 from services.common import idempotency, metrics, outbox
+from services.common.ids import uuid4
 from services.common.consumer import Delivered
 from services.common.errors import IdempotencyKeyReused, NotFound, ServiceError, ValidationFailed
 
@@ -371,7 +371,7 @@ async def write_redemptions(conn: asyncpg.Connection, commands: list[RedeemComma
         vouchers[voucher.voucher_id] = after
         if ikey is not None:
             holder[ikey] = c
-        c.redemption = Redemption(redemption_id=str(uuid.uuid4()), voucher_id=voucher.voucher_id,
+        c.redemption = Redemption(redemption_id=uuid4(), voucher_id=voucher.voucher_id,
                                   provider=c.provider, amount=c.body.amount, balance=after.balance)
         c.answer = _encoder.encode(c.redemption)
         accepted.append(c)
@@ -456,7 +456,7 @@ async def place_hold(svc: Service, key: idempotency.Key | None, body: HoldIn, *,
         after = store.voucher_after(voucher, await conn.fetchrow(RESERVE_SQL, voucher.voucher_id, body.amount))
         assert after.held == voucher.held + body.amount
         invoice = body.invoice
-        hold_id = str(uuid.uuid4())
+        hold_id = uuid4()
         expires_at = now + dt.timedelta(seconds=body.timeout_s)
         hold = await conn.fetchrow(INSERT_HOLD_SQL, hold_id, voucher.voucher_id, provider, body.amount,
                                    invoice.number if invoice else None, invoice.amount if invoice else None,
@@ -494,7 +494,7 @@ async def capture_hold(svc: Service, key: idempotency.Key | None, hold_id: str, 
         amount = hold.amount if body.amount is None else body.amount
         domain.check_within_hold(hold, amount)
 
-        redemption_id = str(uuid.uuid4())
+        redemption_id = uuid4()
         captured = await conn.fetchrow(CAPTURE_HOLD_SQL, hold_id, amount, redemption_id, now)
         assert captured is not None
         after = store.voucher_after(voucher, await conn.fetchrow(SETTLE_HELD_SQL, voucher.voucher_id, hold.amount,
@@ -589,7 +589,7 @@ async def refund(svc: Service, key: idempotency.Key | None, redemption_id: str, 
         after = store.voucher_after(voucher, await conn.fetchrow(
             REFUND_VOUCHER_SQL, voucher.voucher_id, body.amount, route.to_balance, route.to_budget, route.to_expiry))
         assert after.refunded == voucher.refunded + body.amount
-        refund_id = str(uuid.uuid4())
+        refund_id = uuid4()
         await conn.execute(INSERT_REFUND_SQL, refund_id, redemption_id, voucher.voucher_id, provider, body.amount,
                            route.returned_to, now)
         events = [_event(svc.topic, voucher.voucher_id, ev.RedemptionRefunded, ev.RedemptionRefundedData(
