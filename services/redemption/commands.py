@@ -38,21 +38,21 @@ from schemas.redemption import (
 )
 
 from services.common import idempotency, metrics, outbox
-from services.common.ids import uuid4
+from services.common.ids import uuid4, uuid4s
 from services.common.consumer import Delivered
 from services.common.errors import IdempotencyKeyReused, NotFound, ServiceError, ValidationFailed
 
 from . import domain, rule_metrics, store
 from .store import (
     ATTACH_INVOICE_SQL, CAPTURE_HOLD_SQL, CLAIM_INVOICE_SQL, CLAIM_INVOICES_SQL, COUNT_OPEN_HOLDS_SQL,
-    DEBIT_AND_RECORD_SQL, DUE_HOLD_VOUCHERS_SQL, EXPIRE_VOUCHERS_SQL, FREEZE_SQL, GET_HOLD_SQL, GET_REDEMPTION_SQL,
+    DUE_HOLD_VOUCHERS_SQL, EXPIRE_VOUCHERS_SQL, FREEZE_SQL, GET_HOLD_SQL, GET_REDEMPTION_SQL,
     GET_VOUCHER_SQL, HOLD_VOUCHER_SQL, INSERT_HOLD_SQL, INSERT_REDEMPTION_SQL,
     INSERT_REFUND_SQL, INSERT_VOUCHERS_SQL, LOCK_DUE_VOUCHERS_SQL, LOCK_HOLD_SQL, LOCK_OPEN_HOLDS_SQL,
     LOCK_REDEMPTION_SQL, LOCK_SPEND_VOUCHERS_SQL, LOCK_TIMED_OUT_HOLDS_SQL, LOCK_VOUCHER_SQL,
     LOCK_VOUCHERS_SKIP_LOCKED_SQL, LOCK_VOUCHERS_SQL, REASSIGN_INVOICES_SQL,
     REFUND_REDEMPTION_SQL, REFUND_VOUCHER_SQL, RELEASE_INVOICES_SQL, RESERVE_SQL, SETTLE_HELD_SQL,
     STATEMENT_REDEMPTIONS_SQL, STATEMENT_REFUNDS_SQL, STATEMENT_TOTALS_SQL, UNCLAIM_INVOICES_SQL,
-    UPSERT_POLICIES_SQL, UPSERT_PROVIDERS_SQL, VOID_HOLDS_SQL,
+    UPSERT_POLICIES_SQL, UPSERT_PROVIDERS_SQL, VOID_HOLDS_SQL, WRITE_REDEMPTIONS_SQL,
 )
 
 log = logging.getLogger("cvl.redemption.commands")
@@ -321,13 +321,12 @@ async def write_redemptions(conn: asyncpg.Connection, commands: list[RedeemComma
     live = [c for c in live if c.state != ABANDONED]
     for c in live:
         c.state = WRITING
-    vouchers: dict[str, domain.VoucherState] = {}
+    vouchers: dict[str, domain.VoucherState] = {}  # as locked
     whitelists: dict[str, list[str] | None] = {}
     for r in rows:
         if r["voucher_id"] not in vouchers:
             vouchers[r["voucher_id"]] = store.voucher_state(r)
         whitelists[r["provider"]] = r["provider_cities"]
-    before = dict(vouchers)
 
     # Invoice claims: one per (provider, number) the batch spends on a voucher that exists, for its first spender.
     first: dict[tuple[str, str], RedeemCommand] = {}
@@ -340,41 +339,40 @@ async def write_redemptions(conn: asyncpg.Connection, commands: list[RedeemComma
             CLAIM_INVOICES_SQL, *_invoice_columns(first))}
 
     holder: dict[tuple[str, str], RedeemCommand] = {}  # invoice → the accepted spend that holds its claim
-    accepted: list[RedeemCommand] = []
+    accepted: list[tuple[RedeemCommand, domain.VoucherState, int]] = []  # (command, voucher, balance after it)
+    spent: dict[str, int] = {}  # voucher → what the batch's accepted commands debit of it so far
     answered: set[tuple[str, str]] = set()  # keys of the accepted commands
     refused = 0
     for c in live:
         if c.key is not None and (c.key.principal, c.key.key) in answered:
             c.replay = True  # a retry of a command accepted earlier in this batch: it replays that answer
             continue
-        voucher = vouchers.get(c.body.voucher_id)
+        voucher_id = c.body.voucher_id
+        voucher = vouchers.get(voucher_id)
         if voucher is None:
-            c.refusal = NotFound(f"no voucher {c.body.voucher_id} (a new voucher is redeemable once its mint event "
+            c.refusal = NotFound(f"no voucher {voucher_id} (a new voucher is redeemable once its mint event "
                                  "is consumed)", field="voucher_id")
             refused += 1
             continue
         c.city = voucher.city
+        if voucher_id in spent:  # debited by an earlier command of the batch: decided against what that left
+            voucher = domain.debited(voucher, spent[voucher_id])
         invoice = c.body.invoice
         ikey = None if invoice is None else (c.provider, invoice.number)
+        amount = c.body.amount
         try:
             domain.check_spend(voucher, provider=c.provider, whitelisted_cities=whitelists.get(c.provider),
-                               amount=c.body.amount, invoice=invoice,
+                               amount=amount, invoice=invoice,
                                invoice_claimed=ikey is None or (ikey in claimed_invoices and ikey not in holder),
                                now=c.now)
         except ServiceError as refusal:
             c.refusal = refusal
             refused += 1
             continue
-        after = dataclasses.replace(voucher, balance=voucher.balance - c.body.amount,
-                                    redeemed=voucher.redeemed + c.body.amount)
-        domain.assert_value_conserved(after)
-        vouchers[voucher.voucher_id] = after
+        spent[voucher_id] = spent.get(voucher_id, 0) + amount
         if ikey is not None:
             holder[ikey] = c
-        c.redemption = Redemption(redemption_id=uuid4(), voucher_id=voucher.voucher_id,
-                                  provider=c.provider, amount=c.body.amount, balance=after.balance)
-        c.answer = _encoder.encode(c.redemption)
-        accepted.append(c)
+        accepted.append((c, voucher, voucher.balance - amount))
         if c.key is not None:
             answered.add((c.key.principal, c.key.key))
 
@@ -385,8 +383,8 @@ async def write_redemptions(conn: asyncpg.Connection, commands: list[RedeemComma
     if unheld:
         await conn.execute(UNCLAIM_INVOICES_SQL, [p for p, _ in unheld], [n for _, n in unheld])
     if accepted:
-        await _write_debits(conn, accepted, before, vouchers, topic)
-        done = [c for c in accepted if c.key is not None]
+        await _write_debits(conn, accepted, vouchers, spent, topic)
+        done = [c for c, _, _ in accepted if c.key is not None]
         if done:
             await idempotency.complete_many(conn, [(c.key, 201, c.answer) for c in done])  # type: ignore[misc]
     # Refused and dropped commands change nothing, their keys included: release them so that a retry runs again.
@@ -406,36 +404,43 @@ def _invoice_columns(claims: dict[tuple[str, str], RedeemCommand]) -> list[list]
     return columns
 
 
-async def _write_debits(conn: asyncpg.Connection, accepted: list[RedeemCommand],
-                        before: dict[str, domain.VoucherState], decided: dict[str, domain.VoucherState],
-                        topic: str) -> None:
-    """The accepted commands' debits (one conditional UPDATE per voucher, for its total) and redemption rows in one
-    statement, and their VoucherRedeemed events in another."""
-    totals: dict[str, int] = {}
-    for c in accepted:
-        totals[c.body.voucher_id] = totals.get(c.body.voucher_id, 0) + c.body.amount
-    ids = sorted(totals)
-    columns: list[list] = [[], [], [], [], [], [], []]
-    events = []
-    for c in accepted:
-        redemption, invoice = c.redemption, c.body.invoice
-        assert redemption is not None
-        voucher = decided[redemption.voucher_id]
-        for column, value in zip(columns, (
-                redemption.redemption_id, redemption.voucher_id, c.provider, redemption.amount,
-                invoice.number if invoice else None, invoice.amount if invoice else None, c.now)):
-            column.append(value)
-        data = ev.VoucherRedeemedData(redemption_id=redemption.redemption_id, voucher_id=voucher.voucher_id,
-                                      city=voucher.city, year=voucher.year, provider=c.provider,
-                                      amount=redemption.amount, balance=redemption.balance, invoice=invoice,
-                                      program=voucher.program)
-        events.append(_event(topic, voucher.voucher_id, ev.VoucherRedeemed, data, c.actor, c.now))
-    debited = await conn.fetch(DEBIT_AND_RECORD_SQL, ids, [totals[i] for i in ids], *columns)
-    assert len(debited) == len(ids), "a locked voucher refused a debit its checks allowed"
-    for r in debited:
-        after = store.voucher_after(before[r["voucher_id"]], r)
-        assert after == decided[after.voucher_id], f"voucher {after.voucher_id}: written {after}, decided otherwise"
-    await outbox.append(conn, events)
+_REDEEMED_TYPE: Final = ev.VoucherRedeemed.__name__  # the outbox row's type, as outbox.append writes it
+
+
+async def _write_debits(conn: asyncpg.Connection, accepted: list[tuple[RedeemCommand, domain.VoucherState, int]],
+                        locked: dict[str, domain.VoucherState], spent: dict[str, int], topic: str) -> None:
+    """The accepted commands' answers, then their debits (one conditional UPDATE per voucher, for its total),
+    redemption rows and VoucherRedeemed events, written by ONE statement (store.WRITE_REDEMPTIONS_SQL)."""
+    n = len(accepted)
+    ids = uuid4s(2 * n)  # the redemptions' ids, then their events'
+    redemption_ids, voucher_ids, providers, amounts, numbers, invoice_amounts, created = (
+        ids[:n], [], [], [], [], [], [])
+    payloads = []
+    encode = _encoder.encode
+    for i, (c, voucher, balance) in enumerate(accepted):
+        invoice, amount, provider, now = c.body.invoice, c.body.amount, c.provider, c.now
+        c.redemption = redemption = Redemption(redemption_id=ids[i], voucher_id=voucher.voucher_id,
+                                               provider=provider, amount=amount, balance=balance)
+        c.answer = encode(redemption)
+        voucher_ids.append(voucher.voucher_id)
+        providers.append(provider)
+        amounts.append(amount)
+        numbers.append(invoice.number if invoice else None)
+        invoice_amounts.append(invoice.amount if invoice else None)
+        created.append(now)
+        payloads.append(encode(ev.VoucherRedeemed(
+            event_id=ids[n + i], occurred_at=now, producer=PRODUCER, actor=c.actor, data=ev.VoucherRedeemedData(
+                redemption_id=ids[i], voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year,
+                provider=provider, amount=amount, balance=balance, invoice=invoice, program=voucher.program))))
+    debits = sorted(spent)
+    written = await conn.fetch(WRITE_REDEMPTIONS_SQL, debits, [spent[v] for v in debits], redemption_ids,
+                               voucher_ids, providers, amounts, numbers, invoice_amounts, created, topic,
+                               _REDEEMED_TYPE, ids[n:], payloads)
+    assert len(written) == len(debits), "a locked voucher refused a debit its checks allowed"
+    for voucher_id, balance, redeemed in written:
+        v, debit = locked[voucher_id], spent[voucher_id]
+        assert (balance, redeemed) == (v.balance - debit, v.redeemed + debit), \
+            f"voucher {voucher_id}: written balance {balance}, redeemed {redeemed}; decided otherwise"
 
 
 # --- holds -----------------------------------------------------------------------------------------------------------

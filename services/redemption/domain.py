@@ -10,6 +10,7 @@ revoked → expired → eligibility → invoice rules → balance (→ open hold
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ def assert_value_conserved(v: VoucherState) -> None:
     assert v.redeemed - v.refunded + v.held <= v.amount, \
         f"voucher {v.voucher_id}: captured + held exceeds the amount"
     assert v.status == "active" or v.balance == v.held == 0, f"voucher {v.voucher_id}: {v.status} but holds value"
+
+
+def debited(v: VoucherState, amount: int) -> VoucherState:
+    """The voucher after a redemption of `amount` (its checks passed): balance moved to redeemed."""
+    after = dataclasses.replace(v, balance=v.balance - amount, redeemed=v.redeemed + amount)
+    assert_value_conserved(after)
+    return after
 
 
 def status_at(v: VoucherState, now: dt.datetime) -> str:

@@ -94,20 +94,27 @@ WHERE s.provider = k.provider AND s.invoice_number = k.invoice_number AND s.hold
 UNCLAIM_INVOICES_SQL: Final = """
 DELETE FROM subsidised_invoices s USING unnest($1::text[], $2::text[]) AS k(provider, invoice_number)
 WHERE s.provider = k.provider AND s.invoice_number = k.invoice_number AND s.hold_id IS NULL"""
-# The final arbiter, per voucher for the batch's total: debited only within its balance, and only while active;
-# and the batch's redemption rows ($3..$9), in the same statement.
-DEBIT_AND_RECORD_SQL: Final = """
+# The batch's whole write in ONE statement (a round trip fewer than debit, then outbox). The final arbiter, per
+# voucher for the batch's total ($1, $2, ids sorted): debited only within its balance, and only while active; the
+# batch's redemption rows ($3..$9); and their VoucherRedeemed events, queued in the outbox (services/common/outbox.py,
+# INSERT_SQL: the same row) in command order ($10: topic, $11: type; key = the voucher id), so that a voucher's rows
+# get ids in the order its redemptions were decided. Returns each debited voucher's balance and redeemed.
+WRITE_REDEMPTIONS_SQL: Final = """
 WITH debited AS (
     UPDATE vouchers v SET balance = v.balance - k.amount, redeemed = v.redeemed + k.amount
     FROM unnest($1::uuid[], $2::bigint[]) AS k(voucher_id, amount)
     WHERE v.voucher_id = k.voucher_id AND v.balance >= k.amount AND v.status = 'active'
-    RETURNING v.voucher_id::text, v.amount, v.balance, v.held, v.redeemed, v.refunded, v.returned, v.expired, v.status
+    RETURNING v.voucher_id, v.balance, v.redeemed
 ), recorded AS (
     INSERT INTO redemptions (redemption_id, voucher_id, provider, amount, invoice_number, invoice_amount, created_at)
     SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[], $8::bigint[],
                          $9::timestamptz[])
+), queued AS (
+    INSERT INTO outbox (topic, key, event_id, type, payload)
+    SELECT $10::text, e.key::text, e.event_id, $11::text, e.payload
+    FROM unnest($4::uuid[], $12::uuid[], $13::bytea[]) AS e(key, event_id, payload)
 )
-SELECT * FROM debited"""
+SELECT voucher_id::text, balance, redeemed FROM debited"""
 
 _REDEMPTION_FIELDS: Final = """
 r.redemption_id::text, r.voucher_id::text, r.provider, r.amount, r.refunded, r.hold_id::text, r.invoice_number,
