@@ -30,8 +30,11 @@ from schemas.limits import OUTBOX_BATCH_MAX, OUTBOX_IDLE_POLL_S, OUTBOX_LEADER_R
 
 log = logging.getLogger("cvl.outbox")
 
-INSERT_SQL: Final = """
-INSERT INTO outbox (topic, key, event_id, type, payload)
+# An outbox row's columns, in the order `append` writes them. A command that saves a round trip by writing its
+# outbox rows inside a statement of its own (a CTE) uses these and `row_type`, so the row layout lives here alone.
+COLUMNS: Final = "topic, key, event_id, type, payload"
+INSERT_SQL: Final = f"""
+INSERT INTO outbox ({COLUMNS})
 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bytea[])"""
 FETCH_SQL: Final = "SELECT id, topic, key, payload FROM outbox ORDER BY id LIMIT $1"
 DELETE_SQL: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
@@ -51,6 +54,11 @@ def envelope(cls: type[Envelope], data: msgspec.Struct, *, producer: str, actor:
                data=data)  # type: ignore[call-arg]
 
 
+def row_type(cls: type[Envelope]) -> str:
+    """The `type` column of an event's outbox row."""
+    return cls.__name__
+
+
 async def append(conn: asyncpg.Connection, rows: Iterable[tuple[str, str, Envelope]]) -> None:
     """Queue events (topic, key, event) in the caller's transaction."""
     assert conn.is_in_transaction(), "outbox rows must be written in the state change's transaction"
@@ -59,7 +67,7 @@ async def append(conn: asyncpg.Connection, rows: Iterable[tuple[str, str, Envelo
         topics.append(topic)
         keys.append(key)
         ids.append(event.event_id)
-        types.append(type(event).__name__)
+        types.append(row_type(type(event)))
         payloads.append(_encoder.encode(event))
     if topics:
         await conn.execute(INSERT_SQL, topics, keys, ids, types, payloads)

@@ -404,7 +404,7 @@ def _invoice_columns(claims: dict[tuple[str, str], RedeemCommand]) -> list[list]
     return columns
 
 
-_REDEEMED_TYPE: Final = ev.VoucherRedeemed.__name__  # the outbox row's type, as outbox.append writes it
+_REDEEMED_TYPE: Final = outbox.row_type(ev.VoucherRedeemed)
 
 
 async def _write_debits(conn: asyncpg.Connection, accepted: list[tuple[RedeemCommand, domain.VoucherState, int]],

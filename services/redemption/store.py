@@ -14,6 +14,8 @@ from schemas.redemption import (
     Hold, RedemptionDetail, Statement, StatementRedemption, StatementRefund, StatementTotals, VoucherView,
 )
 
+from services.common import outbox
+
 from . import domain
 
 # Provider ids and city ids match ^[a-z0-9][a-z0-9-]{0,62}$, so a comma-joined string round-trips a list through
@@ -99,7 +101,8 @@ WHERE s.provider = k.provider AND s.invoice_number = k.invoice_number AND s.hold
 # batch's redemption rows ($3..$9); and their VoucherRedeemed events, queued in the outbox (services/common/outbox.py,
 # INSERT_SQL: the same row) in command order ($10: topic, $11: type; key = the voucher id), so that a voucher's rows
 # get ids in the order its redemptions were decided. Returns each debited voucher's balance and redeemed.
-WRITE_REDEMPTIONS_SQL: Final = """
+# Debits, redemption rows and their VoucherRedeemed outbox rows (layout: services.common.outbox) in one statement.
+WRITE_REDEMPTIONS_SQL: Final = f"""
 WITH debited AS (
     UPDATE vouchers v SET balance = v.balance - k.amount, redeemed = v.redeemed + k.amount
     FROM unnest($1::uuid[], $2::bigint[]) AS k(voucher_id, amount)
@@ -110,7 +113,7 @@ WITH debited AS (
     SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::bigint[], $7::text[], $8::bigint[],
                          $9::timestamptz[])
 ), queued AS (
-    INSERT INTO outbox (topic, key, event_id, type, payload)
+    INSERT INTO outbox ({outbox.COLUMNS})
     SELECT $10::text, e.key::text, e.event_id, $11::text, e.payload
     FROM unnest($4::uuid[], $12::uuid[], $13::bytea[]) AS e(key, event_id, payload)
 )
