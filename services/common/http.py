@@ -1,9 +1,9 @@
 """The HTTP edge shared by the services: routes with their types, errors as problems, auth, idempotency,
 health, metrics, OpenAPI, and a server with graceful shutdown.
 
-Middleware order (outermost first): metrics (counts and times what the client saw, problems included) → errors
-(every failure becomes a problem+json) → time limit → handler. Authentication is explicit in each handler (`principal(request)`),
-so a reader sees the roles next to the rule they protect.
+One middleware (`edge_middleware`) does, outermost first: metrics (counts and times what the client saw, problems
+included) → errors (every failure becomes a problem+json) → time limit → handler. Authentication is explicit in each
+handler (`principal(request)`), so a reader sees the roles next to the rule they protect.
 """
 from __future__ import annotations
 
@@ -152,71 +152,147 @@ def answer(a: idempotency.Answer) -> web.Response:
 
 # --- middlewares -----------------------------------------------------------------------------------------------------
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except ServiceError as err:
-        return problem_response(err)
-    except web.HTTPRequestEntityTooLarge:
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """Any failure of a request as a problem+json (a ServiceError as itself; the rest by what it means)."""
+    if isinstance(exc, ServiceError):
+        return problem_response(exc)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return problem_response(PayloadTooLarge(f"the body exceeds {BODY_BYTES_MAX} bytes"))
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return problem_response(NotFound(f"no route for {request.method} {request.rel_url.path}"))
-    except web.HTTPMethodNotAllowed as exc:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         err = ServiceError(f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}")
         err.status, err.code, err.title = 405, "method_not_allowed", "Method not allowed"
         return problem_response(err)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         err = ServiceError(exc.text or exc.reason)
         err.status, err.code, err.title = exc.status, "http_error", exc.reason
         return problem_response(err)
-    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+    if isinstance(exc, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
         # Transient: the transaction was rolled back whole, so a retry is safe.
         log.warning("transaction aborted, nothing written: %s", exc)
         return problem_response(Unavailable("the transaction collided with another and was rolled back; retry"))
-    except Exception as exc:
-        if isinstance(exc, TimeoutError):  # the request's time limit, or a connect or acquire wait inside it
-            log.error("request timed out", extra={"method": request.method, "path": request.rel_url.path})
-            return problem_response(Unavailable("the request did not finish in time; retry with the same "
-                                                "Idempotency-Key"))
-        # The database restarting or unreachable (a connection closed mid-transaction included) is 503 with
-        # Retry-After, never a 500: the server rolled back what was in flight, so a retry is safe.
-        if db.is_unavailable(exc):
-            log.error("database unavailable: %r", exc, extra={"method": request.method, "path": request.rel_url.path})
-            return problem_response(Unavailable("the database is not reachable now; retry with the same "
-                                                "Idempotency-Key"))
-        log.exception("unhandled error", extra={"method": request.method, "path": request.rel_url.path})
-        return problem_response(ServiceError("an internal error occurred; it has been logged"))
+    if isinstance(exc, TimeoutError):  # the request's time limit, or a connect or acquire wait inside it
+        log.error("request timed out", extra={"method": request.method, "path": request.rel_url.path})
+        return problem_response(Unavailable("the request did not finish in time; retry with the same "
+                                            "Idempotency-Key"))
+    # The database restarting or unreachable (a connection closed mid-transaction included) is 503 with
+    # Retry-After, never a 500: the server rolled back what was in flight, so a retry is safe.
+    if db.is_unavailable(exc):
+        log.error("database unavailable: %r", exc, extra={"method": request.method, "path": request.rel_url.path})
+        return problem_response(Unavailable("the database is not reachable now; retry with the same "
+                                            "Idempotency-Key"))
+    log.error("unhandled error", exc_info=exc, extra={"method": request.method, "path": request.rel_url.path})
+    return problem_response(ServiceError("an internal error occurred; it has been logged"))
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request, handler):
-    started = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource else "unmatched"
-    response = await handler(request)
-    service = request.app[SETTINGS].service
-    latency = (service, route, request.method)
-    if (child := _latency_children.get(latency)) is None:
-        child = _latency_children[latency] = metrics.http_latency.labels(*latency)
-    child.observe(time.perf_counter() - started)
-    count = (service, route, request.method, response.status)
-    if (counter := _request_children.get(count)) is None:
-        counter = _request_children[count] = metrics.http_requests.labels(service, route, request.method,
-                                                                          str(response.status))
-    counter.inc()
-    return response
-
-
-# Metric children bound once per label set (as many as the Prometheus registry itself keeps), not per request.
-_latency_children: dict[tuple, Any] = {}
-_request_children: dict[tuple, Any] = {}
-
-
-@web.middleware
-async def timeout_middleware(request: web.Request, handler):
-    async with asyncio.timeout(request.app[SETTINGS].request_timeout_s):
+async def errors_middleware(request: web.Request, handler):
+    """Every failure becomes a problem (the edge's middleware does this too; this one alone serves unit tests)."""
+    try:
         return await handler(request)
+    except Exception as exc:
+        return failure_response(request, exc)
+
+
+class Deadlines:
+    """The request time limit, with the semantics of `asyncio.timeout` around the handler but without a timer and a
+    context object per request: every request of an app has the same limit, so deadlines expire in arrival order,
+    and ONE timer armed for the oldest request in flight serves them all. An expired request's task is cancelled;
+    the cancellation that surfaces from the handler becomes a TimeoutError (503), exactly when asyncio.timeout would
+    raise one (the task was not also cancelled by someone else); a handler that finishes anyway answers as it did.
+    """
+
+    def __init__(self, limit_s: float):
+        self.limit_s = limit_s
+        self._live: dict[asyncio.Task, tuple[float, int]] = {}  # in arrival order: (deadline, cancelling at entry)
+        self._expired: dict[asyncio.Task, int] = {}  # cancelled by the time limit, still in the handler
+        self._timer: asyncio.TimerHandle | None = None
+
+    def enter(self, task: asyncio.Task) -> None:
+        loop = task.get_loop()
+        deadline = loop.time() + self.limit_s
+        self._live[task] = (deadline, task.cancelling())
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire, loop)
+
+    def leave(self, task: asyncio.Task, cancelled: bool) -> bool:
+        """The request's handler returned or raised; True: `cancelled` is the time limit's cancellation."""
+        if self._live.pop(task, None) is not None:
+            return False
+        # Expired (removed by _expire): take back the time limit's cancel request, as asyncio.timeout does.
+        entry = self._expired.pop(task)
+        return task.uncancel() <= entry and cancelled
+
+    def _expire(self, loop) -> None:
+        self._timer = None
+        now = loop.time()
+        expired = []
+        for task, (deadline, cancelling) in self._live.items():
+            if deadline > now:
+                self._timer = loop.call_at(deadline, self._expire, loop)
+                break
+            expired.append((task, cancelling))
+        for task, cancelling in expired:
+            del self._live[task]
+            self._expired[task] = cancelling
+            task.cancel()
+
+
+def edge_middleware(service: str, request_timeout_s: float):
+    """The one middleware of every service, in the order the layers used to nest (outermost first): metrics (count
+    and time what the client saw, problems included) → errors (every failure becomes a problem+json) → the request
+    time limit → the handler. One frame per request instead of three, a deadline instead of an asyncio.timeout, and
+    each route's metric children looked up once."""
+    deadlines = Deadlines(request_timeout_s)
+    by_route: dict[tuple, _RouteMetrics] = {}
+    perf_counter = time.perf_counter
+    current_task = asyncio.current_task
+
+    @web.middleware
+    async def edge(request: web.Request, handler):
+        started = perf_counter()
+        task = current_task()
+        assert task is not None
+        deadlines.enter(task)
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            if not deadlines.leave(task, True):
+                raise  # not ours (shutdown, a client gone): nothing to answer, nothing counted
+            response = failure_response(request, TimeoutError())
+        except Exception as exc:
+            deadlines.leave(task, False)
+            response = failure_response(request, exc)
+        except BaseException:
+            deadlines.leave(task, False)
+            raise
+        else:
+            deadlines.leave(task, False)
+        route = request.match_info.route
+        key = (route if route.resource is not None else None, request.method)
+        if (m := by_route.get(key)) is None:
+            label = route.resource.canonical if route.resource is not None else "unmatched"
+            m = by_route[key] = _RouteMetrics(service, label, request.method)
+        m.latency.observe(perf_counter() - started)
+        status = response.status
+        if (counter := m.counts.get(status)) is None:
+            counter = m.counts[status] = metrics.http_requests.labels(service, m.route, m.method, str(status))
+        counter.inc()
+        return response
+
+    return edge
+
+
+class _RouteMetrics:
+    """A route's metric children, bound once (as many as the Prometheus registry itself keeps), not per request."""
+
+    __slots__ = ("route", "method", "latency", "counts")
+
+    def __init__(self, service: str, route: str, method: str):
+        self.route, self.method = route, method
+        self.latency = metrics.http_latency.labels(service, route, method)
+        self.counts: dict[int, Any] = {}
 
 
 # --- health, metrics, OpenAPI ----------------------------------------------------------------------------------------
@@ -292,7 +368,7 @@ def openapi(service: str, routes: list[Route]) -> dict:
 
 def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
     app = web.Application(client_max_size=BODY_BYTES_MAX,
-                          middlewares=[metrics_middleware, errors_middleware, timeout_middleware])
+                          middlewares=[edge_middleware(settings.service, settings.request_timeout_s)])
     app[SETTINGS] = settings
     app[READY] = ready
     app[ROUTES] = routes

@@ -5,8 +5,9 @@ Each handler parses, authorises, calls one command (`commands.py`) and responds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 from aiohttp import web
@@ -107,25 +108,24 @@ async def put_provider(request: web.Request) -> web.Response:
 
 # --- vouchers -----------------------------------------------------------------------------------------------------
 
-async def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *, batch: bool) -> web.Response:
+def _mint(request: web.Request, vouchers: list[MintIn], raw: bytes, *,
+          batch: bool) -> Coroutine[Any, Any, idempotency.Answer]:
+    """Authorise a mint, then its command, as a coroutine the handler awaits (one frame fewer per request)."""
     who = principal(request)
     for city in dict.fromkeys(v.city for v in vouchers):  # each city once, in the order of first mention
         require(who, "issuer", city=city)
     key = http.idempotency_key(request, who, raw)
-    return http.answer(await commands.mint(request.app[COMMANDS], request.app[WRITERS], who.subject, vouchers, key,
-                                           batch=batch))
+    return commands.mint(request.app[COMMANDS], request.app[WRITERS], who.subject, vouchers, key, batch=batch)
 
 
 async def mint(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
-    body = http.decode(raw, MintIn)
-    return await _mint(request, [body], raw, batch=False)
+    return http.answer(await _mint(request, [http.decode(raw, MintIn)], raw, batch=False))
 
 
 async def mint_batch(request: web.Request) -> web.Response:
     raw = await http.read_body(request)
-    body = http.decode(raw, BatchMintIn)
-    return await _mint(request, body.vouchers, raw, batch=True)
+    return http.answer(await _mint(request, http.decode(raw, BatchMintIn).vouchers, raw, batch=True))
 
 
 async def get_voucher(request: web.Request) -> web.Response:

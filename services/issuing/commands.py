@@ -44,6 +44,7 @@ PRODUCER: Final = "issuing"
 ACTOR_CARRY: Final = "system:year-end-carry"  # BudgetCarried: emitted on a consumed VoucherExpired
 
 _encoder: Final = msgspec.json.Encoder()
+_MINTED_TYPE: Final = outbox.row_type(ev.VoucherMinted)  # the outbox row's type, as outbox.append writes it
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ WRITING: Final = "writing"      # decided under the locks: its outcome is the ba
 ABANDONED: Final = "abandoned"  # its caller went (the request timed out) before it was written: it never will be
 
 
-@dataclass
+@dataclass(slots=True)
 class MintCommand:
     """One mint request (a single voucher, or an all-or-nothing batch) on its way through a writer."""
 
@@ -261,9 +262,9 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
 
     Round trips, each only when needed: claim keys (keyed commands), lock budgets, read programs, lock usage (only
     of budgets with an enterprise cap: the decision reads it), raise capped usage; then ONE statement raising the
-    budgets, adding to the uncapped usage and inserting the vouchers (store.WRITE_MINTS_SQL); the outbox rows; the
-    keys' answers or releases. A batch without keys on budgets without caps costs four statements between BEGIN and
-    COMMIT (it cost seven).
+    budgets, adding to the uncapped usage, inserting the vouchers and queueing their events in the outbox
+    (store.WRITE_MINTS_SQL); the keys' answers or releases. A batch without keys on budgets without caps costs three
+    statements between BEGIN and COMMIT (it cost seven).
     """
     assert conn.is_in_transaction()
     assert all(c.state in (TAKEN, ABANDONED) for c in commands)
@@ -326,13 +327,13 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
         events = _new_vouchers(accepted, budgets, programs, topic)
         updated = await conn.fetch(store.WRITE_MINTS_SQL, *_columns(list(deltas), 3), list(deltas.values()),
                                    *_columns([k for k, _ in free], 4), [used for _, used in free],
-                                   *_voucher_columns(accepted), events[0][2].occurred_at)
+                                   *_voucher_columns(accepted), events[0][2].occurred_at, topic, _MINTED_TYPE,
+                                   [e.event_id for _, _, e in events], [_encoder.encode(e) for _, _, e in events])
         assert len(updated) == len(deltas), "a budget row refused its update: committed would exceed amount"
         for r in updated:
             assert 0 <= r["committed"] <= r["amount"]
             assert budgets[store.budget_key(r)].committed == r["committed"]
             assert r["usage_rows"] == len(free)
-        await outbox.append(conn, events)
     done = [c for c in accepted if c.key is not None]
     if done:
         await idempotency.complete_many(conn, [(c.key, 201, minted_body(c)) for c in done])

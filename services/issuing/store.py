@@ -9,6 +9,7 @@ import msgspec
 from schemas import events as ev
 from schemas.common import DEFAULT_PROGRAM
 from schemas.issuing import Budget, Program, Voucher
+from services.common import outbox
 
 from .domain import BudgetKey, BudgetState, ProgramState
 
@@ -153,10 +154,12 @@ ORDER BY k.city, k.program, k.year, k.beneficiary
 RETURNING city, program, year, beneficiary, used"""
 # The batch's writes in ONE statement (one round trip): the budgets raised (the final arbiter across replicas: a budget
 # row is only ever raised within its amount), the usage of budgets without a cap added to (rows created as needed; a
-# capped budget's usage is written by RAISE_USAGE_SQL / INSERT_USAGE_SQL, within the cap), and the vouchers inserted.
+# capped budget's usage is written by RAISE_USAGE_SQL / INSERT_USAGE_SQL, within the cap), the vouchers inserted, and
+# their VoucherMinted events queued in the outbox (layout: services.common.outbox; key = the voucher id, $21: topic,
+# $22: type, $23: event ids, $24: payloads), in voucher order.
 # Every row it touches is under the budget row locks the batch holds, so the order in which PostgreSQL runs the parts
 # does not matter; a budget that refuses its update fails the batch, which then rolls back whole.
-WRITE_MINTS_SQL: Final = """
+WRITE_MINTS_SQL: Final = f"""
 WITH usage AS (
     INSERT INTO enterprise_usage AS u (city, program, year, beneficiary, used)
     SELECT * FROM unnest($5::text[], $6::text[], $7::int[], $8::text[], $9::bigint[])
@@ -171,6 +174,10 @@ WITH usage AS (
     FROM unnest($10::uuid[], $11::text[], $12::text[], $13::int[], $14::text[], $15::text[], $16::bigint[], $17::int[],
                 $18::text[], $19::timestamptz[])
          AS v(id, city, program, year, beneficiary, kind, amount, ratio, providers, expires_at)
+), queued AS (
+    INSERT INTO outbox ({outbox.COLUMNS})
+    SELECT $21::text, e.key::text, e.event_id, $22::text, e.payload
+    FROM unnest($10::uuid[], $23::uuid[], $24::bytea[]) AS e(key, event_id, payload)
 )
 UPDATE budgets b SET committed = b.committed + k.delta, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, delta)

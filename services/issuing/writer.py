@@ -69,11 +69,22 @@ class Writers:
             except asyncio.QueueFull as exc:
                 raise RateLimited(f"{MINT_QUEUE_MAX} mint commands are already waiting for "
                                   f"{' '.join(map(str, key))}") from exc
-        return await _outcome(command, future)
+        # The caller's side, inline (one coroutine frame fewer per mint): the future is awaited unshielded (no second
+        # future per mint): a caller that goes cancels it, and the writer keeps the outcome on the command
+        # (`_answer`), which is where a caller whose command is being written finds it (`_late_outcome`).
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not command.answered and command.abandon():
+                raise  # the writer skips or drops it: "not minted" is the truth behind the 503
+        return await _late_outcome(command)
 
     async def _run(self, key: BudgetKey, queue: asyncio.Queue) -> None:
         try:
             while True:
+                # Even when the queue is not empty this yields to the loop for a moment, and that matters: requests
+                # that arrived meanwhile join the batch. Taking the queue at once (get_nowait) was measured worse
+                # (smaller batches: issuing ~290 vs ~235 CPU-us per mint under the wrk phase).
                 try:
                     first = await asyncio.wait_for(queue.get(), WRITER_IDLE_S)
                 except TimeoutError:
@@ -179,18 +190,9 @@ class Writers:
         await asyncio.gather(*self._tasks.values(), *self._solo, return_exceptions=True)
 
 
-async def _outcome(command: MintCommand, future: asyncio.Future) -> MintCommand:
-    """The caller's side: the written outcome of its command, or a cancellation only when nothing will be written.
-
-    The future is awaited unshielded (no second future per mint): a caller that goes cancels it, and the writer
-    keeps the outcome on the command (`_answer`), which is where a caller whose command is being written finds it.
-    """
-    try:
-        return await future
-    except asyncio.CancelledError:
-        if not command.answered and command.abandon():
-            raise  # the writer skips or drops it: "not minted" is the truth behind the 503
-    # Answered already, or being written: the commit is a statement away (bounded by the PG command timeout).
+async def _late_outcome(command: MintCommand) -> MintCommand:
+    """The written outcome of a command whose caller went (its future cancelled) when it was answered already or
+    being written: the commit is a statement away (bounded by the PG command timeout)."""
     if not command.answered:
         log.warning("a mint's caller went while it was being written; answering its outcome late")
         command.late = asyncio.get_running_loop().create_future()
