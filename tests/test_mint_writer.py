@@ -103,7 +103,7 @@ async def test_a_writer_cancelled_mid_batch_answers_its_callers(world_factory, s
                                        "AND wait_event_type = 'Lock'", app_name)
         await eventually(stuck, timeout_s=STUCK_WAIT_S, interval_s=0.05)
 
-        writers._tasks[(w.city, w.year)].cancel()  # noqa: SLF001 - as a loop shutting down would
+        writers._writers[(w.city, w.year)].task.cancel()  # noqa: SLF001 - as a loop shutting down would
         with pytest.raises(Unavailable):
             await asyncio.wait_for(caller, 5)
     finally:

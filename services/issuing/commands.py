@@ -9,7 +9,6 @@ BudgetSet, BudgetCarried) are written under their city row's lock, so their outb
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from services.common.ids import uuid4s
 from services.common.auth import Principal, require
 from services.common.consumer import Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
+from services.common.group_commit import ABANDONED, TAKEN, WRITING, Command
 
 from . import domain, rule_metrics, store
 from .domain import BudgetKey, BudgetState, ProgramKey, ProgramState, UsageKey
@@ -179,14 +179,8 @@ async def set_provider(ctx: Issuing, actor: str, provider: str, body: ProviderIn
 
 # --- minting: commands queue for their budget's writer (writer.py), which runs `write_mints` for a batch -------------
 
-QUEUED: Final = "queued"        # waiting in its writer's queue
-TAKEN: Final = "taken"          # in a batch whose transaction waits for the budget locks
-WRITING: Final = "writing"      # decided under the locks: its outcome is the batch's commit
-ABANDONED: Final = "abandoned"  # its caller went (the request timed out) before it was written: it never will be
-
-
 @dataclass(slots=True)
-class MintCommand:
+class MintCommand(Command):
     """One mint request (a single voucher, or an all-or-nothing batch) on its way through a writer."""
 
     vouchers: list[MintIn]
@@ -196,21 +190,7 @@ class MintCommand:
     minted: list[Voucher] = field(default_factory=list)
     refusal: ServiceError | None = None
     replay: bool = False  # the key was already used: answer with the stored response
-    state: str = QUEUED
-    # The writer's answer, kept here too (writer._answer): a caller that went while its command was being written
-    # (its own future cancelled) finds it here, or waits for it on `late`.
-    answered: bool = False
-    error: ServiceError | None = None
-    late: asyncio.Future | None = None
     body: bytes | None = None  # the 201 body, once encoded (minted_body)
-
-    def abandon(self) -> bool:
-        """The caller has gone. True: the command will not be written (a writer skips or drops it). False: it is
-        being written already, and the caller must wait for the outcome to answer truthfully."""
-        if self.state == WRITING:
-            return False
-        self.state = ABANDONED
-        return True
 
 
 class MintOutcome(NamedTuple):

@@ -41,6 +41,7 @@ from services.common import idempotency, metrics, outbox
 from services.common.ids import uuid4, uuid4s
 from services.common.consumer import Delivered
 from services.common.errors import IdempotencyKeyReused, NotFound, ServiceError, ValidationFailed
+from services.common.group_commit import ABANDONED, TAKEN, WRITING, Command
 
 from . import domain, rule_metrics, store
 from .store import (
@@ -187,16 +188,11 @@ async def _authorise_spend(conn: asyncpg.Connection, voucher_id: str, amount: in
 
 # --- redeem: commands queue for the process's redemption writer (writer.py), which runs `write_redemptions` ------
 
-QUEUED: Final = "queued"        # waiting in the writer's queue
-TAKEN: Final = "taken"          # in a batch whose transaction waits for the voucher locks
-WRITING: Final = "writing"      # decided under the locks: its outcome is the batch's commit
-ABANDONED: Final = "abandoned"  # its caller went (the request timed out) before it was written: it never will be
-
 _encoder: Final = msgspec.json.Encoder()
 
 
 @dataclass
-class RedeemCommand:
+class RedeemCommand(Command):
     """One POST /v1/redemptions on its way through the writer: the request, then what the batch decided."""
 
     body: RedemptionIn
@@ -209,15 +205,6 @@ class RedeemCommand:
     answer: bytes = b""          # the 201 body of an accepted command
     refusal: ServiceError | None = None
     replay: bool = False         # the key was already used: answer with the stored response
-    state: str = QUEUED
-
-    def abandon(self) -> bool:
-        """The caller has gone. True: the command will not be written (the writer skips or drops it). False: it
-        is being written already, and the caller must wait for the outcome to answer truthfully."""
-        if self.state == WRITING:
-            return False
-        self.state = ABANDONED
-        return True
 
 
 class RedeemOutcome(NamedTuple):
