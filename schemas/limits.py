@@ -49,6 +49,9 @@ READY_CHECK_TIMEOUT_S: Final = 2.0
 GC_YOUNG_OBJECTS: Final = 50_000            # allocations between young-generation collections (CPython: 700)
 RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
 LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted (bursts of a load test)
+RATE_LIMIT_PER_S: Final = 20_000.0         # requests a principal may make per second, sustained (CVL_RATE_LIMIT_PER_S) ...
+RATE_LIMIT_BURST: Final = 40_000           # ... and at once (CVL_RATE_LIMIT_BURST): a guard against a runaway client
+RATE_LIMIT_PRINCIPALS_MAX: Final = 100_000  # principals whose buckets a process keeps (the oldest goes first)
 
 # --- minting (the hot budget account) --------------------------------------------------------------------------------
 MINT_BATCH_MAX: Final = 1000               # vouchers one writer commits in one transaction
@@ -108,6 +111,7 @@ LEDGER_COPY_ENTRIES_MIN: Final = 64        # a journal batch this big COPYs its 
 LOG_STATUS_REFRESH_S: Final = 1.0          # every replica's gauges follow appends and checkpoints made by the others
 PAGE_ENTRIES: Final = 20                   # the most recent entries on the auditor's page
 PAGE_REPORTS_MAX: Final = 1000             # (city, year) rows on the auditor's page
+PAGE_CACHE_S: Final = 1.0                  # the auditor's page is rendered at most this often per process
 NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
 LOG_NAME_LENGTH_MAX: Final = 255           # the log's origin, which is also its signing key's name
 

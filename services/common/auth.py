@@ -76,6 +76,15 @@ def verify(key: bytes, authorization: str | None) -> Principal:
     return principal
 
 
+def subject_of(key: bytes, authorization: str) -> str | None:
+    """The subject of a valid bearer token, or None: verified once, then read from the cache above (the handler's
+    own `verify` of the same header then finds it there too)."""
+    try:
+        return verify(key, authorization).subject
+    except Unauthorized:
+        return None
+
+
 def _verify(key: bytes, authorization: str | None) -> Principal:
     if not authorization or not authorization.startswith("Bearer "):
         raise Unauthorized("an Authorization: Bearer token is required")

@@ -2,7 +2,7 @@
 health, metrics, OpenAPI, and a server with graceful shutdown.
 
 One middleware (`edge_middleware`) does, outermost first: metrics (counts and times what the client saw, problems
-included) → errors (every failure becomes a problem+json) → time limit → handler. Authentication is explicit in each
+included) → errors (every failure becomes a problem+json) → rate limit per principal → time limit → handler. Authentication is explicit in each
 handler (`principal(request)`), so a reader sees the roles next to the rule they protect.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from schemas.limits import (
     SHUTDOWN_TIMEOUT_S,
 )
 
-from . import auth, db, idempotency, metrics
-from .errors import NotFound, PayloadTooLarge, ServiceError, Unavailable, ValidationFailed
+from . import auth, db, idempotency, metrics, ratelimit
+from .errors import NotFound, PayloadTooLarge, RateLimited, ServiceError, Unavailable, ValidationFailed
 from .settings import Settings
 
 log = logging.getLogger("cvl.http")
@@ -239,36 +239,59 @@ class Deadlines:
             task.cancel()
 
 
-def edge_middleware(service: str, request_timeout_s: float):
+UNLIMITED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never rate limited
+
+
+def rate_limited(wait_s: float) -> RateLimited:
+    err = RateLimited("this principal made more requests than its rate limit allows; retry later")
+    err.retry_after_s = ratelimit.retry_after_s(wait_s)
+    return err
+
+
+def edge_middleware(service: str, request_timeout_s: float, token_key: bytes = b"",
+                    buckets: ratelimit.Buckets | None = None):
     """The one middleware of every service, in the order the layers used to nest (outermost first): metrics (count
-    and time what the client saw, problems included) → errors (every failure becomes a problem+json) → the request
-    time limit → the handler. One frame per request instead of three, a deadline instead of an asyncio.timeout, and
-    each route's metric children looked up once."""
+    and time what the client saw, problems included) → errors (every failure becomes a problem+json) → the rate
+    limit per principal → the request time limit → the handler. One frame per request instead of three, a deadline
+    instead of an asyncio.timeout, and each route's metric children looked up once.
+
+    The rate limit's principal is the bearer token's subject (verified once, then from auth's cache), else the remote
+    address (anonymous calls, and tokens that do not verify); UNLIMITED_PATHS are exempt."""
     deadlines = Deadlines(request_timeout_s)
     by_route: dict[tuple, _RouteMetrics] = {}
     perf_counter = time.perf_counter
     current_task = asyncio.current_task
+    subject_of = auth.subject_of
+    take = buckets.take if buckets is not None else None
 
     @web.middleware
     async def edge(request: web.Request, handler):
         started = perf_counter()
-        task = current_task()
-        assert task is not None
-        deadlines.enter(task)
-        try:
-            response = await handler(request)
-        except asyncio.CancelledError:
-            if not deadlines.leave(task, True):
-                raise  # not ours (shutdown, a client gone): nothing to answer, nothing counted
-            response = failure_response(request, TimeoutError())
-        except Exception as exc:
-            deadlines.leave(task, False)
-            response = failure_response(request, exc)
-        except BaseException:
-            deadlines.leave(task, False)
-            raise
+        wait_s = 0.0
+        if take is not None and request.path not in UNLIMITED_PATHS:
+            authorization = request.headers.get("Authorization")
+            who = subject_of(token_key, authorization) if authorization else None
+            wait_s = take(who or f"remote:{request.remote}", started)
+        if wait_s:
+            response = failure_response(request, rate_limited(wait_s))
         else:
-            deadlines.leave(task, False)
+            task = current_task()
+            assert task is not None
+            deadlines.enter(task)
+            try:
+                response = await handler(request)
+            except asyncio.CancelledError:
+                if not deadlines.leave(task, True):
+                    raise  # not ours (shutdown, a client gone): nothing to answer, nothing counted
+                response = failure_response(request, TimeoutError())
+            except Exception as exc:
+                deadlines.leave(task, False)
+                response = failure_response(request, exc)
+            except BaseException:
+                deadlines.leave(task, False)
+                raise
+            else:
+                deadlines.leave(task, False)
         route = request.match_info.route
         key = (route if route.resource is not None else None, request.method)
         if (m := by_route.get(key)) is None:
@@ -368,7 +391,10 @@ def openapi(service: str, routes: list[Route]) -> dict:
 
 def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
     app = web.Application(client_max_size=BODY_BYTES_MAX,
-                          middlewares=[edge_middleware(settings.service, settings.request_timeout_s)])
+                          middlewares=[edge_middleware(settings.service, settings.request_timeout_s,
+                                                       settings.token_key,
+                                                       ratelimit.Buckets(settings.rate_limit_per_s,
+                                                                         settings.rate_limit_burst))])
     app[SETTINGS] = settings
     app[READY] = ready
     app[ROUTES] = routes

@@ -7,7 +7,9 @@ from typing import Final
 
 import msgspec
 
-from schemas.limits import PG_POOL_MAX, REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_S_MAX, REQUEST_TIMEOUT_S_MIN
+from schemas.limits import (
+    PG_POOL_MAX, RATE_LIMIT_BURST, RATE_LIMIT_PER_S, REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_S_MAX, REQUEST_TIMEOUT_S_MIN,
+)
 
 from . import keyfile
 
@@ -28,6 +30,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     token_key: bytes
     pg_pool_max: int = PG_POOL_MAX
     request_timeout_s: float = REQUEST_TIMEOUT_S
+    rate_limit_per_s: float = RATE_LIMIT_PER_S
+    rate_limit_burst: int = RATE_LIMIT_BURST
 
 
 DEFAULT_PORTS: Final = {"issuing": 8081, "redemption": 8082, "ledger": 8083}
@@ -57,9 +61,22 @@ def request_timeout_s(raw: str | None) -> float:
     return value
 
 
+def rate_limit(raw_per_s: str | None, raw_burst: str | None) -> tuple[float, int]:
+    """`CVL_RATE_LIMIT_PER_S` and `CVL_RATE_LIMIT_BURST` (per principal, per process): both must be positive; a bad
+    setting is refused at start, not clamped."""
+    per_s = RATE_LIMIT_PER_S if raw_per_s is None else float(raw_per_s)
+    burst = RATE_LIMIT_BURST if raw_burst is None else int(raw_burst)
+    if not per_s > 0:
+        raise ValueError(f"CVL_RATE_LIMIT_PER_S must be above 0, not {raw_per_s}")
+    if burst < 1:
+        raise ValueError(f"CVL_RATE_LIMIT_BURST must be at least 1, not {raw_burst}")
+    return per_s, burst
+
+
 def load(service: str) -> Settings:
     env = os.environ
     run = run_dir()
+    per_s, burst = rate_limit(env.get("CVL_RATE_LIMIT_PER_S"), env.get("CVL_RATE_LIMIT_BURST"))
     return Settings(
         service=service,
         host=env.get("CVL_HOST", "127.0.0.1"),
@@ -73,4 +90,6 @@ def load(service: str) -> Settings:
         token_key=token_key(run),
         pg_pool_max=int(env.get("CVL_PG_POOL_MAX", PG_POOL_MAX)),
         request_timeout_s=request_timeout_s(env.get("CVL_REQUEST_TIMEOUT_S")),
+        rate_limit_per_s=per_s,
+        rate_limit_burst=burst,
     )

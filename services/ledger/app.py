@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -30,7 +31,7 @@ from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, Year
 from schemas.ledger import Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance
 from schemas.limits import (
     BIGINT_MAX, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT, CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
-    ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
+    ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_CACHE_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
 from services.common import db, http, kafka, metrics, tasks
@@ -85,6 +86,50 @@ class _CheckpointAge:
 
 checkpoint_age = _CheckpointAge()
 Gauge("cvl_ledger_checkpoint_age_seconds", checkpoint_age.__doc__ or "").set_function(checkpoint_age)
+page_renders = Counter("cvl_ledger_page_renders_total", "Renders of the auditor's page (at most one per "
+                       "PAGE_CACHE_S per process, whatever the traffic)")
+
+
+class PageCache:
+    """The auditor's page, rendered at most once per PAGE_CACHE_S: the rendered bytes are kept with the time their
+    render started, and requests while a render runs wait for that one render instead of starting their own. So a
+    flood of `GET /` costs the database one page's queries per second per process.
+
+    The render runs in its own task: a waiter that goes away (a client gone, its time limit) does not cancel it for
+    the others. A failed render is not kept; every waiter gets its error, and the next request tries again."""
+
+    def __init__(self, render: Callable[[], Awaitable[bytes]], clock: Callable[[], float] = time.monotonic):
+        self._render, self._clock = render, clock
+        self._body: bytes | None = None
+        self._at = 0.0
+        self._running: asyncio.Task[bytes] | None = None
+
+    async def get(self) -> bytes:
+        if self._body is not None and self._clock() - self._at < PAGE_CACHE_S:
+            return self._body
+        if self._running is None:
+            self._running = asyncio.create_task(self._run(), name="auditor-page")
+            self._running.add_done_callback(_retrieve)
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> bytes:
+        started = self._clock()
+        try:
+            body = await self._render()
+            page_renders.inc()
+            self._body, self._at = body, started
+            return body
+        finally:
+            self._running = None
+
+
+PAGE: Final = web.AppKey("page", PageCache)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A render whose every waiter went away: its error is logged (by the waiters that saw it, if any), not lost."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("rendering the auditor's page failed: %r", exc)
 
 EntryIndex = Annotated[int, Meta(ge=0, le=BIGINT_MAX, description="An entry index (leaf position, from 0)")]
 EntriesLimit = Annotated[int, Meta(ge=1, le=ENTRIES_LIMIT_MAX, description="How many entries, at most")]
@@ -237,12 +282,19 @@ async def get_log_key(request: web.Request) -> web.Response:
     return web.Response(text=request.app[LOG_KEY].verifier() + "\n", content_type=TEXT_PLAIN, charset="utf-8")
 
 
+def page_renderer(app: web.Application) -> Callable[[], Awaitable[bytes]]:
+    async def render() -> bytes:
+        settings = app[http.SETTINGS]
+        data = await queries.page_data(app[POOL], PAGE_REPORTS_MAX, PAGE_ENTRIES,
+                                       verifier_key=app[LOG_KEY].verifier(),
+                                       base_url=f"http://{settings.host}:{settings.port}")
+        return page.render(data).encode()
+    return render
+
+
 async def auditor_page(request: web.Request) -> web.Response:
-    settings = request.app[http.SETTINGS]
-    data = await queries.page_data(request.app[POOL], PAGE_REPORTS_MAX, PAGE_ENTRIES,
-                                   verifier_key=request.app[LOG_KEY].verifier(),
-                                   base_url=f"http://{settings.host}:{settings.port}")
-    return web.Response(text=page.render(data), content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+    return web.Response(body=await request.app[PAGE].get(), content_type="text/html", charset="utf-8",
+                        headers=PAGE_HEADERS)
 
 
 ROUTES: Final = [
@@ -280,6 +332,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
     app[LOG_KEY] = notes.load_log_key(settings.run_dir, notes.origin_from_env())
+    app[PAGE] = PageCache(page_renderer(app))
     log.info("checkpoints are signed with the log key", extra={"verifier_key": app[LOG_KEY].verifier()})
 
     async def resources(app: web.Application):
