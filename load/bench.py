@@ -280,13 +280,19 @@ async def run_requests(concurrency: int, make_call, *, total: int | None = None,
             "statuses": statuses, "concurrency": concurrency, "_results": results}
 
 
-def wrk_mints(url: str, token: str, body: dict, *, seconds: int, connections: int) -> dict:
-    """Blocking: single mints driven by wrk (C, so the load generator takes little of the machine's two cores)."""
-    env = {**os.environ, "CVL_WRK_TOKEN": token, "CVL_WRK_BODY": json.dumps(body)}
+def wrk(url: str, env: dict[str, str], *, seconds: int, connections: int) -> dict:
+    """Blocking: POSTs driven by wrk (C, so the load generator takes little of the machine's two cores) with
+    `load/wrk.lua`; its counts by status and latency percentiles."""
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-                          "-s", str(Path(__file__).with_name("mint.lua")), f"{url}/v1/vouchers"],
-                         env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
+                          "-s", str(Path(__file__).with_name("wrk.lua")), url],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=seconds + 60, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wrk_mints(url: str, token: str, body: dict, *, seconds: int, connections: int) -> dict:
+    """Single mints of one body."""
+    return wrk(f"{url}/v1/vouchers", {"CVL_WRK_TOKEN": token, "CVL_WRK_BODY": json.dumps(body)}, seconds=seconds,
+               connections=connections)
 
 
 # --- the phases --------------------------------------------------------------------------------------------------
@@ -392,12 +398,9 @@ REDEEMED_SQL: Final = "SELECT coalesce(sum(amount), 0) FROM redemption.redemptio
 
 
 def wrk_redemptions(url: str, token: str, ids_path: Path, *, seconds: int, connections: int) -> dict:
-    """Blocking: redemptions of 1 fen cycling over many vouchers, driven by wrk."""
-    env = {**os.environ, "CVL_WRK_TOKEN": token, "CVL_WRK_VOUCHERS": str(ids_path)}
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-                          "-s", str(Path(__file__).with_name("redeem.lua")), f"{url}/v1/redemptions"],
-                         env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Redemptions of 1 fen cycling over the vouchers listed in `ids_path`."""
+    return wrk(f"{url}/v1/redemptions", {"CVL_WRK_TOKEN": token, "CVL_WRK_VOUCHERS": str(ids_path)},
+               seconds=seconds, connections=connections)
 
 
 async def redeem_wrk(w: World, args: argparse.Namespace) -> dict | None:
