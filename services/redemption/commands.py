@@ -465,6 +465,19 @@ async def place_hold(svc: Service, key: idempotency.Key | None, body: HoldIn, *,
     return await _alone(svc, key, 201, effect, transaction, rule_metrics.holds, _count_hold)
 
 
+async def _lock_active_hold(conn: asyncpg.Connection, hold_id: str, provider: str, now: dt.datetime,
+                            effect: _Effect) -> tuple[domain.VoucherState, asyncpg.Record, asyncpg.Record,
+                                                      domain.HoldState]:
+    """What settling a hold starts with, for a capture and a void alike: lock the voucher and then the hold, and
+    refuse unless the caller holds it (403) and it is still active (409 hold_not_active)."""
+    voucher, row, hold_row = await _lock_hold(conn, hold_id, provider)
+    hold = store.hold_state(hold_row)
+    effect.city = voucher.city
+    domain.check_hold_owner(hold, provider)
+    domain.check_hold_active(hold, now, hold_row["void_reason"])
+    return voucher, row, hold_row, hold
+
+
 async def capture_hold(svc: Service, key: idempotency.Key | None, hold_id: str, body: CaptureIn, *, provider: str,
                        actor: str, now: dt.datetime) -> idempotency.Answer:
     """Capture up to the held amount (all of it when no amount is given); the rest goes back to the balance. The
@@ -476,11 +489,7 @@ async def capture_hold(svc: Service, key: idempotency.Key | None, hold_id: str, 
     effect = _Effect()
 
     async def transaction(conn: asyncpg.Connection) -> Hold:
-        voucher, row, hold_row = await _lock_hold(conn, hold_id, provider)
-        hold = store.hold_state(hold_row)
-        effect.city = voucher.city
-        domain.check_hold_owner(hold, provider)
-        domain.check_hold_active(hold, now, hold_row["void_reason"])
+        voucher, row, hold_row, hold = await _lock_active_hold(conn, hold_id, provider, now, effect)
         assert voucher.status == "active", "a frozen or expired voucher has no active hold"
         domain.check_provider_eligible(voucher, provider, row["provider_cities"])
         amount = hold.amount if body.amount is None else body.amount
@@ -512,11 +521,7 @@ async def void_hold(svc: Service, key: idempotency.Key | None, hold_id: str, *, 
     effect = _Effect()
 
     async def transaction(conn: asyncpg.Connection) -> Hold:
-        voucher, _row, hold_row = await _lock_hold(conn, hold_id, provider)
-        hold = store.hold_state(hold_row)
-        effect.city = voucher.city
-        domain.check_hold_owner(hold, provider)
-        domain.check_hold_active(hold, now, hold_row["void_reason"])
+        voucher, _row, hold_row, hold = await _lock_active_hold(conn, hold_id, provider, now, effect)
         out: list = []
         await _void_holds(conn, voucher, [hold_row], status="voided", reason="voided", topic=svc.topic, now=now,
                           actor=actor, out=out)
