@@ -46,7 +46,7 @@ from schemas.limits import (
     BENCH_BATCH_S, BENCH_LEDGER_POLL_S, BENCH_LEDGER_WAIT_S, BENCH_NAIVE_S, BENCH_PHASE_DEADLINE_S,
     BENCH_PROBE_INTERVAL_S, BENCH_PROBE_WAIT_S, BENCH_PROBES,
 )
-from services.stack import ROOT, Stack, create_stack, drop_stack, infra_env, unique
+from services.stack import ROOT, Stack, create_stack, drop_stack, unique
 
 WRK_MINT_FEN: Final = 7
 PROBE_MINT_FEN: Final = 1
@@ -302,7 +302,7 @@ async def naive_phase(args: argparse.Namespace, cpu: CpuMeter, databases: set[st
     if binary is None or args.naive_seconds <= 0:
         print(json.dumps({"phase": "naive", "skipped": "pgbench not found" if binary is None else "--naive-seconds 0"}))
         return None
-    async with NaiveDatabase(infra_env()["CVL_PG_DSN"]) as db:
+    async with NaiveDatabase() as db:
         databases.add(db.name)
         before = cpu.sample()
         out = await asyncio.to_thread(run_pgbench, binary, db.dsn, args.naive_seconds)

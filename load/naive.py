@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import re
-import secrets
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Final
 
 import asyncpg
 
-from services.stack import DROP_DATABASE_SQL, CREATE_DATABASE_SQL
+from services.stack import create_database, drop_database
 
 NAIVE_CLIENTS: Final = 8
 NAIVE_THREADS: Final = 2                 # pgbench threads: one per core of the machine
@@ -65,19 +64,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 class NaiveDatabase:
-    """`async with NaiveDatabase(admin_dsn) as db:` a scratch database with the naive schema; dropped on exit."""
-
-    def __init__(self, admin_dsn: str):
-        self.admin_dsn = admin_dsn
-        self.name = f"cvl_naive_{secrets.token_hex(4)}"
-        self.dsn = admin_dsn.rsplit("/", 1)[0] + "/" + self.name
+    """`async with NaiveDatabase() as db:` a scratch database with the naive schema; dropped on exit."""
 
     async def __aenter__(self) -> "NaiveDatabase":
-        conn = await asyncpg.connect(self.admin_dsn)
-        try:
-            await conn.execute(CREATE_DATABASE_SQL.format(db=self.name))
-        finally:
-            await conn.close()
+        self.dsn = await create_database("cvl_naive")
+        self.name = self.dsn.rsplit("/", 1)[1]
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.execute(SCHEMA)
@@ -94,11 +85,7 @@ class NaiveDatabase:
             await conn.close()
 
     async def __aexit__(self, *exc) -> None:
-        conn = await asyncpg.connect(self.admin_dsn)
-        try:
-            await conn.execute(DROP_DATABASE_SQL.format(db=self.name))
-        finally:
-            await conn.close()
+        await drop_database(self.dsn)
 
 
 def run_pgbench(binary: str, dsn: str, seconds: int) -> dict:

@@ -8,6 +8,7 @@ imports nothing from `tests`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -35,6 +37,37 @@ LOG_TAIL_CHARS: Final = 3000  # of a service's log, quoted when it fails to star
 
 CREATE_DATABASE_SQL: Final = 'CREATE DATABASE "{db}"'  # the name is made here from hex, never from input
 DROP_DATABASE_SQL: Final = 'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'
+
+
+async def create_database(prefix: str) -> str:
+    """A fresh, empty database on the infra's cluster, named `{prefix}_{hex}`; its DSN."""
+    admin_dsn = infra_env()["CVL_PG_DSN"]
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(CREATE_DATABASE_SQL.format(db=name))
+    finally:
+        await conn.close()
+    return admin_dsn.rsplit("/", 1)[0] + "/" + name
+
+
+async def drop_database(dsn: str) -> None:
+    """Drop a database `create_database` made (its sessions are ended first)."""
+    conn = await asyncpg.connect(infra_env()["CVL_PG_DSN"])
+    try:
+        await conn.execute(DROP_DATABASE_SQL.format(db=dsn.rsplit("/", 1)[1]))
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(prefix: str) -> AsyncIterator[str]:
+    """`async with scratch_database("cvl_x") as dsn:` a fresh database, dropped on exit."""
+    dsn = await create_database(prefix)
+    try:
+        yield dsn
+    finally:
+        await drop_database(dsn)
 
 
 def free_port() -> int:
@@ -153,14 +186,7 @@ async def create_stack() -> Stack:
     topics). `CVL_TEST_SERVICES` (default "redemption,ledger") says which consumers to start besides issuing."""
     infra = infra_env()
     run = secrets.token_hex(4)
-    admin_dsn = infra["CVL_PG_DSN"]
-    db = f"cvl_test_{run}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(CREATE_DATABASE_SQL.format(db=db))
-    finally:
-        await conn.close()
-    dsn = admin_dsn.rsplit("/", 1)[0] + "/" + db
+    dsn = await create_database("cvl_test")
     key = secrets.token_bytes(TOKEN_KEY_BYTES)
     topics = {"issuing": f"t{run}.cvl.issuing.v1", "redemption": f"t{run}.cvl.redemption.v1"}
     env = {
@@ -184,8 +210,4 @@ async def create_stack() -> Stack:
 async def drop_stack(stack: Stack) -> None:
     """Stop every process of the stack and drop its database."""
     stack.stop_all()
-    conn = await asyncpg.connect(infra_env()["CVL_PG_DSN"])
-    try:
-        await conn.execute(DROP_DATABASE_SQL.format(db=stack.dsn.rsplit("/", 1)[1]))
-    finally:
-        await conn.close()
+    await drop_database(stack.dsn)

@@ -286,20 +286,16 @@ async def test_a_ledger_with_entries_moves_its_tree_into_tiles_and_keeps_growing
     appends through commands.journal, small batches (one statement) and big ones (COPY): every root and sampled
     proof is the RFC's over the journal's leaves, and a tile that disagrees with the journal's size fails a batch."""
     import datetime as dt
-    import secrets
     import uuid
 
     from schemas import events as ev
     from services.common import db
     from services.common.consumer import Delivered
     from services.ledger import app as ledger_app, commands, queries
-    from services.stack import infra_env
+    from services.stack import create_database, drop_database
 
-    admin_dsn = infra_env()["CVL_PG_DSN"]
-    name = f"cvl_tiles_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(admin_dsn.rsplit("/", 1)[0] + "/" + name, server_settings={"search_path": "ledger"})
+    dsn = await create_database("cvl_tiles")
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "ledger"})
     try:
         await conn.execute("CREATE SCHEMA ledger")
         for path in sorted(db.COMMON_MIGRATIONS.glob("*.sql")):
@@ -357,8 +353,7 @@ async def test_a_ledger_with_entries_moves_its_tree_into_tiles_and_keeps_growing
         assert await conn.fetchval("SELECT size FROM log_head") == size
     finally:
         await conn.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(dsn)
 
 
 # --- signed notes, checked with code of this test's own --------------------------------------------------------------

@@ -7,7 +7,6 @@ migrator, in this process or another replica, blocked on it.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from pathlib import Path
 
 import asyncpg
@@ -15,7 +14,7 @@ import pytest
 
 from services.common import db
 from services.common.settings import Settings
-from services.stack import infra_env
+from services.stack import scratch_database
 
 SECOND_MIGRATE_WAIT_S = 5.0   # a migrate with nothing to do takes milliseconds, unless it waits for a leaked lock
 SLOW_MIGRATION_S = 30         # long enough to be cancelled in the middle
@@ -31,23 +30,15 @@ SLEEPING_SQL = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_da
 
 @pytest.fixture
 async def fresh_pool(tmp_path: Path):
-    admin = infra_env()["CVL_PG_DSN"]
-    name = f"cvl_migrate_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    dsn = admin.rsplit("/", 1)[0] + "/" + name
-    settings = Settings(service="issuing", port=0, pg_dsn=dsn, kafka_bootstrap="unused", topic_issuing="unused",
-                        topic_redemption="unused", group_prefix="unused", run_dir=tmp_path, token_key=b"unused",
-                        pg_pool_max=2)
-    pool = await db.create_pool(settings, "migrate_test")
-    try:
-        yield pool, dsn
-    finally:
-        await pool.close()
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+    async with scratch_database("cvl_migrate") as dsn:
+        settings = Settings(service="issuing", port=0, pg_dsn=dsn, kafka_bootstrap="unused", topic_issuing="unused",
+                            topic_redemption="unused", group_prefix="unused", run_dir=tmp_path, token_key=b"unused",
+                            pg_pool_max=2)
+        pool = await db.create_pool(settings, "migrate_test")
+        try:
+            yield pool, dsn
+        finally:
+            await pool.close()
 
 
 def migrations(tmp_path: Path, **files: str) -> Path:

@@ -11,7 +11,6 @@ they never set.)
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import shutil
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from services.common import db, outbox
 from services.common.consumer import Delivered
 from services.common.settings import Settings
 from services.redemption import commands
-from services.stack import infra_env
+from services.stack import scratch_database
 
 MIGRATIONS = Path(commands.__file__).parent / "migrations"
 SCHEMA = "redemption"
@@ -43,22 +42,15 @@ AFTER_EXPIRY = EXPIRES + dt.timedelta(seconds=1)
 
 @pytest.fixture
 async def pool(tmp_path: Path):
-    admin = infra_env()["CVL_PG_DSN"]
-    name = f"cvl_programs_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    settings = Settings(service="redemption", port=0, pg_dsn=admin.rsplit("/", 1)[0] + "/" + name,
-                        kafka_bootstrap="unused", topic_issuing=TOPIC_ISSUING, topic_redemption=TOPIC_REDEMPTION,
-                        group_prefix="unused", run_dir=tmp_path, token_key=b"unused", pg_pool_max=2)
-    p = await db.create_pool(settings, SCHEMA)
-    try:
-        yield p
-    finally:
-        await p.close()
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+    async with scratch_database("cvl_programs") as dsn:
+        settings = Settings(service="redemption", port=0, pg_dsn=dsn, kafka_bootstrap="unused",
+                            topic_issuing=TOPIC_ISSUING, topic_redemption=TOPIC_REDEMPTION, group_prefix="unused",
+                            run_dir=tmp_path, token_key=b"unused", pg_pool_max=2)
+        p = await db.create_pool(settings, SCHEMA)
+        try:
+            yield p
+        finally:
+            await p.close()
 
 
 def _envelope(cls, data) -> ev.Envelope:
