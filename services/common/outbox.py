@@ -49,8 +49,9 @@ def now() -> dt.datetime:
 
 
 def envelope(cls: type[Envelope], data: msgspec.Struct, *, producer: str, actor: str,
-             occurred_at: dt.datetime | None = None) -> Envelope:
-    return cls(event_id=ids.uuid4(), occurred_at=occurred_at or now(), producer=producer, actor=actor,
+             occurred_at: dt.datetime | None = None, event_id: str | None = None) -> Envelope:
+    """An event; `event_id` for a batch that drew its ids at once (`ids.uuid4s`), else a fresh one."""
+    return cls(event_id=event_id or ids.uuid4(), occurred_at=occurred_at or now(), producer=producer, actor=actor,
                data=data)  # type: ignore[call-arg]
 
 

@@ -369,8 +369,8 @@ def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetSt
                 amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
                 expires_at=v.expires_at, created_at=now, year_end=budgets[(city, program, year)].year_end,  # type: ignore
                 program=program)
-            events.append((topic, voucher_id, ev.VoucherMinted(
-                event_id=ids[n + i], occurred_at=now, producer=PRODUCER, actor=actor, data=data)))
+            events.append((topic, voucher_id, outbox.envelope(
+                ev.VoucherMinted, data, producer=PRODUCER, actor=actor, occurred_at=now, event_id=ids[n + i])))
             i += 1
     return events
 
