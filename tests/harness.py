@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.common import http
 from services.stack import ROOT, Proc, Stack, create_stack, drop_stack, free_port, infra_env, unique
 
 __all__ = ["ROOT", "Api", "Proc", "Reply", "Stack", "create_stack", "drop_stack", "eventually", "free_port",
@@ -91,3 +94,12 @@ async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, byt
         return out
     finally:
         await consumer.stop()
+
+
+async def failed(handler) -> web.Response:
+    """The edge's answer to a handler that raised: `http.failure_response`, as the edge middleware calls it."""
+    request = make_mocked_request("POST", "/v1/vouchers")
+    try:
+        return await handler(request)
+    except Exception as exc:
+        return http.failure_response(request, exc)

@@ -4,10 +4,9 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 import pytest
-from aiohttp.test_utils import make_mocked_request
 
-from services.common import http
 from services.common.errors import BudgetExceeded
+from tests.harness import failed
 
 
 @pytest.mark.parametrize("exc, status, code", [
@@ -20,7 +19,7 @@ from services.common.errors import BudgetExceeded
 async def test_failures_become_problems(exc, status, code):
     async def handler(request):
         raise exc
-    response = await http.errors_middleware(make_mocked_request("POST", "/v1/vouchers"), handler)
+    response = await failed(handler)
     assert response.status == status
     assert response.content_type == "application/problem+json"
     body = msgspec.json.decode(response.body)

@@ -15,13 +15,13 @@ import aiohttp
 import asyncpg
 import msgspec
 import pytest
-from aiohttp.test_utils import make_mocked_request
 
 from schemas.limits import RETRY_AFTER_S
 from services.common import http
 from services.common.errors import RateLimited
 from services.stack import ROOT
-from tests.harness import eventually
+from tests.harness import eventually, failed
+
 
 WORKERS = 16                 # requests in flight during the restart
 REQUESTS_MAX = 8000          # the load stops after this many requests ...
@@ -62,7 +62,7 @@ def _chained(cause: BaseException) -> BaseException:
 async def test_an_unreachable_database_is_503_with_retry_after(exc):
     async def handler(request):
         raise exc
-    response = await http.errors_middleware(make_mocked_request("POST", "/v1/vouchers"), handler)
+    response = await failed(handler)
     body = msgspec.json.decode(response.body)
     assert (response.status, body["code"]) == (503, "unavailable")
     assert response.headers["Retry-After"] == str(RETRY_AFTER_S)
@@ -73,14 +73,14 @@ async def test_an_unreachable_database_is_503_with_retry_after(exc):
 async def test_a_bug_stays_a_500_without_retry_after(exc):
     async def handler(request):
         raise exc
-    response = await http.errors_middleware(make_mocked_request("POST", "/v1/vouchers"), handler)
+    response = await failed(handler)
     assert response.status == 500 and "Retry-After" not in response.headers
 
 
 async def test_rate_limited_carries_retry_after():
     async def handler(request):
         raise RateLimited("the mint queue is full")
-    response = await http.errors_middleware(make_mocked_request("POST", "/v1/vouchers"), handler)
+    response = await failed(handler)
     assert response.status == 429 and response.headers["Retry-After"] == str(RETRY_AFTER_S)
 
 

@@ -186,15 +186,6 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
     return problem_response(ServiceError("an internal error occurred; it has been logged"))
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    """Every failure becomes a problem (the edge's middleware does this too; this one alone serves unit tests)."""
-    try:
-        return await handler(request)
-    except Exception as exc:
-        return failure_response(request, exc)
-
-
 class Deadlines:
     """The request time limit, with the semantics of `asyncio.timeout` around the handler but without a timer and a
     context object per request: every request of an app has the same limit, so deadlines expire in arrival order,
