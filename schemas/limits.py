@@ -83,6 +83,7 @@ CONSUMER_FETCH_MIN_BYTES: Final = 64 * 1024  # a fetch waits for this much ...
 CONSUMER_FETCH_WAIT_MS: Final = 20          # ... or this long (the latency it may add per hop when idle)
 CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects
 CONSUMER_LAG_INTERVAL_S: Final = 1.0       # how often a consumer refreshes its lag gauges
+CONSUMER_STALLED_LAG_TIMEOUT_S: Final = 2.0  # after a failed batch, reading the committed offsets for the lag gauges
 
 # --- shutdown (drain) ------------------------------------------------------------------------------------------------
 SHUTDOWN_TIMEOUT_S: Final = 20.0           # in-flight requests finish within this
@@ -109,6 +110,8 @@ CHECKPOINTS_LIMIT_DEFAULT: Final = 100
 CHECKPOINT_INTERVAL_S: Final = 0.5         # a signing round this often: a new checkpoint within a second of growth
 LEDGER_COPY_ENTRIES_MIN: Final = 64        # a journal batch this big COPYs its entries and postings (else one statement)
 LOG_STATUS_REFRESH_S: Final = 1.0          # every replica's gauges follow appends and checkpoints made by the others
+BUDGET_GAUGES_REFRESH_S: Final = 2.0       # each ledger replica re-reads its budget gauges (amount, committed) this often
+BUDGET_GAUGES_MAX: Final = 1000            # (city, year, program) budgets exported as gauges, at most (then logged)
 PAGE_ENTRIES: Final = 20                   # the most recent entries on the auditor's page
 PAGE_REPORTS_MAX: Final = 1000             # (city, year) rows on the auditor's page
 PAGE_CACHE_S: Final = 1.0                  # the auditor's page is rendered at most this often per process

@@ -26,7 +26,7 @@ from . import metrics
 from .settings import Settings
 from schemas.limits import (
     CONSUMER_BATCH_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
-    CONSUMER_RESTART_DELAY_S, KAFKA_REQUEST_TIMEOUT_MS,
+    CONSUMER_RESTART_DELAY_S, CONSUMER_STALLED_LAG_TIMEOUT_S, KAFKA_REQUEST_TIMEOUT_MS,
 )
 
 log = logging.getLogger("cvl.consumer")
@@ -119,6 +119,7 @@ class Consumer:
                 raise
             except Exception:
                 log.exception("consumer failed; restarting", extra={"group": self.group})
+                await self._record_stalled_lag(consumer)
                 await asyncio.sleep(CONSUMER_RESTART_DELAY_S)
             finally:
                 await consumer.stop()
@@ -133,6 +134,22 @@ class Consumer:
                 continue
             position = await consumer.position(tp)
             metrics.consumer_lag.labels(self.settings.service, tp.topic, str(tp.partition)).set(max(0, high - position))
+
+    async def _record_stalled_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """After a failed batch: the lag from the group's committed offsets (what was applied), since the position
+        has moved past the batch that failed. So a handler that keeps failing shows as growing lag, not as the last
+        lag before it failed. Best effort: Kafka itself may be what failed."""
+        try:
+            async with asyncio.timeout(CONSUMER_STALLED_LAG_TIMEOUT_S):
+                for tp in consumer.assignment():
+                    high = consumer.highwater(tp)
+                    if high is None:
+                        continue
+                    committed = await consumer.committed(tp) or 0
+                    metrics.consumer_lag.labels(self.settings.service, tp.topic, str(tp.partition)).set(
+                        max(0, high - committed))
+        except Exception as exc:
+            log.debug("consumer lag unknown after a failure: %r", exc)
 
     async def _apply(self, records) -> None:
         delivered: list[Delivered] = []

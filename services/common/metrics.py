@@ -10,6 +10,8 @@ LATENCY_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 http_requests = Counter("cvl_http_requests_total", "HTTP requests answered", ["service", "route", "method", "status"])
 http_latency = Histogram("cvl_http_request_duration_seconds", "HTTP request latency", ["service", "route", "method"],
                          buckets=LATENCY_BUCKETS_S)
+token_refusals = Counter("cvl_token_refusals_total", "Bearer tokens refused (401), by reason", ["service", "reason"])
+token_revocations = Gauge("cvl_token_revocations", "Revoked, unexpired token ids this process refuses", ["service"])
 
 outbox_pending = Gauge("cvl_outbox_pending_rows", "Outbox rows not yet acknowledged by Kafka", ["service"])
 outbox_lag = Gauge("cvl_outbox_publish_lag_seconds", "Age of the oldest unpublished outbox row", ["service"])
@@ -33,3 +35,16 @@ budget_available = Gauge("cvl_budget_available_fen", "Available budget per city 
 redemptions = Counter("cvl_redemptions_total", "Redemptions", ["city", "outcome"])
 amount_redeemed = Counter("cvl_amount_redeemed_fen_total", "Amount redeemed, in minor units", ["city"])
 journal_entries = Counter("cvl_journal_entries_total", "Journal entries appended", ["type"])
+
+# The ledger's view of every budget, from its city reports (each ledger replica refreshes them from the database):
+# the budget-nearly-exhausted alert and the dashboard compare the two. One Kafka hop behind the issuing service.
+budget_amount = Gauge("cvl_budget_amount_fen", "Budget amount per city, program and year, as journaled by the ledger",
+                      ["city", "program", "year"])
+budget_committed = Gauge("cvl_budget_committed_fen",
+                         "Budget committed (amount less available) per city, program and year, as journaled by the "
+                         "ledger", ["city", "program", "year"])
+JOURNAL_DELAY_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+journal_delay = Histogram("cvl_ledger_journal_delay_seconds",
+                          "Seconds from an event's occurred_at (its command's commit, just before the acknowledgement) "
+                          "to its journaling, observed once per journal batch for the batch's oldest event",
+                          buckets=JOURNAL_DELAY_BUCKETS_S)

@@ -30,7 +30,8 @@ from prometheus_client import Counter, Gauge
 from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, Year
 from schemas.ledger import Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance
 from schemas.limits import (
-    BIGINT_MAX, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT, CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
+    BIGINT_MAX, BUDGET_GAUGES_MAX, BUDGET_GAUGES_REFRESH_S, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT,
+    CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
     ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_CACHE_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
@@ -144,6 +145,8 @@ CheckpointsLimit = Annotated[int, Meta(ge=1, le=CHECKPOINTS_LIMIT_MAX, descripti
 async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> None:
     """Consumer handler: fresh events, in delivery order, inside the consumer's transaction (commands.journal)."""
     journaled = await commands.journal(conn, batch)
+    if batch:  # ack -> ledger: the batch's oldest event, once per batch (cheap at any rate)
+        metrics.journal_delay.observe(max(0.0, time.time() - min(d.event.occurred_at for d in batch).timestamp()))
     for d, exc in journaled.rejected:
         metrics.dead_letters.labels(SERVICE, d.topic).inc()
         log.error("event cannot be posted; kept in dead_letters",
@@ -169,6 +172,25 @@ async def _refresh_log_status(pool: asyncpg.Pool) -> None:
         except Exception:
             log.exception("reading the log's status failed")
         await asyncio.sleep(LOG_STATUS_REFRESH_S)
+
+
+async def _refresh_budget_gauges(pool: asyncpg.Pool) -> None:
+    """Background task: the budget gauges (amount, committed = amount - available) follow the ledger's reports."""
+    truncated_logged = False
+    while True:
+        try:
+            reports, truncated = await queries.budget_reports(pool, BUDGET_GAUGES_MAX)
+            for r in reports:
+                labels = (r.city, r.program, str(r.year))
+                metrics.budget_amount.labels(*labels).set(r.budget)
+                metrics.budget_committed.labels(*labels).set(r.budget - r.available)
+            if truncated and not truncated_logged:
+                log.warning("more budgets than BUDGET_GAUGES_MAX: only the first are exported as gauges",
+                            extra={"budgets_max": BUDGET_GAUGES_MAX})
+            truncated_logged = truncated
+        except Exception:
+            log.exception("reading the budgets for their gauges failed")
+        await asyncio.sleep(BUDGET_GAUGES_REFRESH_S)
 
 
 async def _sign_checkpoints(pool: asyncpg.Pool, key: notes.LogKey) -> None:
@@ -347,6 +369,7 @@ def create_app(settings: Settings) -> web.Application:
         app[POOL] = pool
         consumer_task = asyncio.create_task(consumer.run(), name="ledger-consumer")
         background = [asyncio.create_task(_refresh_log_status(pool), name="log-status"),
+                      asyncio.create_task(_refresh_budget_gauges(pool), name="budget-gauges"),
                       asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY]), name="checkpoint-signer")]
         yield
         # Drain: the consumer finishes (commits) the batch in hand and stops polling; then the pool closes.

@@ -141,6 +141,29 @@ async def entries(pool: asyncpg.Pool, start: int, limit: int) -> Entries:
     return Entries(entries=store.entries_view(rows, postings))
 
 
+# --- every report: the auditor's page and the budget gauges ----------------------------------------------------------
+
+async def _reports(conn: asyncpg.Connection, reports_max: int) -> tuple[list[CityReport], bool]:
+    """The first `reports_max` reports (by city, year, program), each checked against its accounts (report_view),
+    and whether there were more. Call it inside one snapshot."""
+    rows = await conn.fetch(store.LIST_REPORTS_SQL, reports_max + 1)
+    rows, truncated = rows[:reports_max], len(rows) > reports_max
+    keys = [(r["city"], r["year"], r["program"]) for r in rows]
+    names = [name for k in keys for name in (domain.appropriation(*k), domain.budget(*k), domain.lapsed(*k))]
+    balances = {b["account"]: b["balance"] for b in await conn.fetch(store.BALANCES_SQL, names)} if names else {}
+    reports = [store.report_view({
+        **r, "appropriation_balance": balances.get(domain.appropriation(*k)),
+        "budget_balance": balances.get(domain.budget(*k)),
+        "lapsed_balance": balances.get(domain.lapsed(*k))}) for r, k in zip(rows, keys)]
+    return reports, truncated
+
+
+async def budget_reports(pool: asyncpg.Pool, reports_max: int) -> tuple[list[CityReport], bool]:
+    """Every budget's report (up to `reports_max`), read in one snapshot: what the budget gauges show."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _reports(conn, reports_max)
+
+
 # --- the auditor's page -----------------------------------------------------------------------------------------------
 
 async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, verifier_key: str,
@@ -151,18 +174,10 @@ async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, v
     GET /v1/reports/cities/{city}/{year}?program=.
     """
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(store.LIST_REPORTS_SQL, reports_max + 1)
-        rows, truncated = rows[:reports_max], len(rows) > reports_max
-        keys = [(r["city"], r["year"], r["program"]) for r in rows]
-        names = [name for k in keys for name in (domain.appropriation(*k), domain.budget(*k), domain.lapsed(*k))]
-        balances = {b["account"]: b["balance"] for b in await conn.fetch(store.BALANCES_SQL, names)} if names else {}
+        reports, truncated = await _reports(conn, reports_max)
         size = await conn.fetchval(store.HEAD_SQL)
         latest = await conn.fetchrow(store.LATEST_CHECKPOINT_SQL)
         recent = await conn.fetch(store.RECENT_ENTRIES_SQL, entries_max)
-    reports = [store.report_view({
-        **r, "appropriation_balance": balances.get(domain.appropriation(*k)),
-        "budget_balance": balances.get(domain.budget(*k)),
-        "lapsed_balance": balances.get(domain.lapsed(*k))}) for r, k in zip(rows, keys)]
     checkpoint = (page.PageCheckpoint(latest["tree_size"], latest["note"], latest["signed_at"])
                   if latest else None)
     return page.PageData(reports=reports, reports_truncated=truncated, journal_size=size, checkpoint=checkpoint,

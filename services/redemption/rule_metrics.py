@@ -19,6 +19,11 @@ amount_expired = Counter("cvl_amount_expired_fen_total", "Unspent value at expir
 sweeps = Counter("cvl_sweeps_total", "Sweeper rounds, by sweeper and outcome (ok, failed)", ["sweeper", "outcome"])
 sweep_duration = Histogram("cvl_sweep_duration_seconds", "Duration of one sweeper transaction", ["sweeper"],
                            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
+# Every sweeper's outcomes exist from the start (at 0), so that the first failure is an increase an alert sees
+# (sweeper names as in sweeper.start).
+for _sweeper in ("holds", "expiry"):
+    for _outcome in ("ok", "failed"):
+        sweeps.labels(_sweeper, _outcome)
 unknown_revocations = Counter("cvl_redemption_unknown_revocations_total",
                               "Revocations of a voucher whose mint was never consumed here (skipped)")
 redemption_batch_size = Histogram("cvl_redemption_batch_commands", "Redemption commands per writer transaction",
