@@ -15,10 +15,11 @@ from .common import (
     DEFAULT_PROGRAM, Amount, Beneficiary, CityId, Currency, Fen, FenDelta, InvoiceNumber, Name, ProgramId, ProviderId,
     PurposeId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
 )
-from .limits import PURPOSES_PER_PROGRAM_MAX
+from .limits import PURPOSES_PER_PROGRAM_MAX, TOKEN_JTI_LENGTH_MAX
 
 TOPIC_ISSUING: Final = "cvl.issuing.v1"
 TOPIC_REDEMPTION: Final = "cvl.redemption.v1"
+TOPIC_TOKENS: Final = "cvl.tokens.v1"
 
 YearEnd = Literal["lapse", "carry"]
 VoucherKind = Literal["compute", "model"]
@@ -273,9 +274,23 @@ class VoucherFrozen(Envelope, tag="VoucherFrozen"):
     data: VoucherFrozenData
 
 
+class TokenRevokedData(msgspec.Struct, kw_only=True):
+    """An admin revoked a bearer token before its `exp` (POST /v1/tokens/revoke on the issuing service). Travels on
+    its own topic (`cvl.tokens.v1`, keyed by jti), never on the issuing topic, so the ledger's journal never sees it;
+    every service process reads the whole topic and refuses the `jti` until `exp` has passed."""
+
+    jti: Annotated[str, Meta(min_length=1, max_length=TOKEN_JTI_LENGTH_MAX)]
+    exp: Annotated[int, Meta(ge=0, description="The token's exp (seconds since the epoch): refused until then")]
+
+
+class TokenRevoked(Envelope, tag="TokenRevoked"):
+    data: TokenRevokedData
+
+
 Event = Union[
     CitySet, BudgetSet, ProviderSet, VoucherMinted, VoucherRevoked, VoucherExpired,
     VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded, VoucherFrozen, ProgramSet, BudgetCarried,
+    TokenRevoked,
 ]
 EVENT_TYPES: Final[tuple[type[Envelope], ...]] = Event.__args__  # type: ignore[attr-defined]
 

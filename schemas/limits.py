@@ -45,6 +45,22 @@ IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX: Final = 3  # a mint retried while its key's
 TOKEN_LENGTH_MAX: Final = 4096
 TOKEN_TTL_S_MAX: Final = 366 * 24 * 3600
 TOKEN_CACHE_MAX: Final = 10_000            # verified tokens kept per process (until they expire)
+TOKEN_LEEWAY_S: Final = 0                  # clock skew allowed on exp and nbf: none (hosts keep time with NTP)
+TOKEN_KEYS_MAX: Final = 100                # keys in one JWK Set (ours, or an identity provider's)
+TOKEN_JWKS_BYTES_MAX: Final = 256 * 1024   # largest JWK Set read from the file or the identity provider
+TOKEN_JWKS_FILE_CHECK_S: Final = 1.0       # a service looks at its JWK Set file this often (rotation, no restart)
+TOKEN_JWKS_URL_REFRESH_S: Final = 300.0    # an identity provider's JWK Set is fetched again this often ...
+TOKEN_JWKS_URL_REFRESH_MIN_S: Final = 10.0  # ... or sooner on an unknown kid, but never more often than this
+TOKEN_JWKS_FETCH_TIMEOUT_S: Final = 5.0    # one fetch of the identity provider's JWK Set
+TOKEN_JWKS_FETCH_RETRY_S: Final = 5.0      # pause after a failed fetch (the last good keys stay)
+TOKEN_JTI_LENGTH_MAX: Final = 255
+TOKEN_REVOCATIONS_MAX: Final = 100_000     # unexpired revocations at once (issuing refuses more: rotate the key)
+TOKEN_REVOCATION_WINDOW_S: Final = 5.0     # contract: every service refuses a revoked jti within this
+TOKEN_REVOCATIONS_STARTUP_WAIT_S: Final = 60.0  # a starting service reads every revocation on the topic within this
+TOKEN_REVOCATIONS_POLL_MS: Final = 200     # the revocation listener's fetch wait (far inside the window)
+TOKEN_REVOCATIONS_SWEEP_S: Final = 60.0    # how often a process forgets revocations of tokens now expired
+TOKEN_TOPIC_PARTITIONS: Final = 1          # revocations are few; one partition keeps them in order
+TOKEN_TOPIC_RETENTION_MS: Final = (TOKEN_TTL_S_MAX + 24 * 3600) * 1000  # a day longer than any token lives
 READY_CHECK_TIMEOUT_S: Final = 2.0
 GC_YOUNG_OBJECTS: Final = 50_000            # allocations between young-generation collections (CPython: 700)
 RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
@@ -144,3 +160,5 @@ assert PG_COMMAND_TIMEOUT_S < REQUEST_TIMEOUT_S < SHUTDOWN_TIMEOUT_S, "timeouts 
 assert CONSUMER_DRAIN_S < SHUTDOWN_TIMEOUT_S and RELAY_DRAIN_S < SHUTDOWN_TIMEOUT_S
 assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writer transaction"
 assert SHUTDOWN_TIMEOUT_S < STACK_EXIT_WAIT_S, "the stack waits for a drain to finish before killing"
+assert TOKEN_TOPIC_RETENTION_MS > TOKEN_TTL_S_MAX * 1000, "a revocation outlives every token it could refuse"
+assert TOKEN_REVOCATIONS_POLL_MS / 1000 < TOKEN_REVOCATION_WINDOW_S, "a revocation is fetched well inside its window"
