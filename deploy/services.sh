@@ -105,6 +105,10 @@ cmd_start() {
   CVL_REDEMPTION_PORT="$(port_of redemption)"
   CVL_LEDGER_PORT="$(port_of ledger)"
 
+  # Token keys: the private signing set stays with `cvl token` (.run/token-signing.jwk); the services read only
+  # the public JWK Set it writes (.run/token-jwks.json). Creates them on first start, changes nothing after.
+  "$ROOT/.venv/bin/cvl" token init >/dev/null || die "cvl token init failed"
+
   local svc
   for svc in "${SERVICES[@]}"; do
     start_one "$svc"

@@ -10,7 +10,7 @@ from .common import (
     DEFAULT_PROGRAM, Amount, Beneficiary, CityId, Currency, Name, ProgramId, ProviderId, PurposeId, Reason,
     SubsidyRatioBp, Timestamp, Total, Uuid, Year,
 )
-from .limits import BATCH_MINT_MAX, CITIES_PER_PROVIDER_MAX, PROVIDERS_PER_LIST_MAX
+from .limits import BATCH_MINT_MAX, CITIES_PER_PROVIDER_MAX, PROVIDERS_PER_LIST_MAX, TOKEN_JTI_LENGTH_MAX
 from .events import Eligibility, EnterpriseSize, VoucherKind, YearEnd
 
 
@@ -125,3 +125,20 @@ class BatchMintOut(msgspec.Struct, kw_only=True):
 
 class RevokeIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reason: Reason
+
+
+# --- bearer tokens: revocation (CONTRACT.md, "Tokens signed with public keys") -----------------------------------
+
+Jti = Annotated[str, Meta(min_length=1, max_length=TOKEN_JTI_LENGTH_MAX, pattern="^[\\x21-\\x7e]+$",
+                          description="The token's jti (visible ASCII)")]
+
+
+class TokenRevokeIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    jti: Jti
+    exp: Annotated[int, Meta(ge=0, description="The token's exp (seconds since the epoch): refused until then")]
+
+
+class TokenRevocation(msgspec.Struct, kw_only=True):
+    jti: Jti
+    exp: int
+    revoked_at: Timestamp

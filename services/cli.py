@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from schemas.limits import AUDIT_TOKEN_TTL_S, CLI_HTTP_TIMEOUT_S, DEMO_TOKEN_TTL_S, TOKEN_TTL_S_MAX
-from services.common import auth, settings
+from services.common import auth, jwks, settings
 
 DEMO_YEAR: Final = 2026
 DEMO_BUDGETS_FEN: Final = {
@@ -39,8 +39,16 @@ DEMO_PROVIDERS: Final = {
 }
 
 
-def _token_key() -> bytes:
-    return settings.token_key(settings.run_dir())
+def _signing_keys() -> jwks.SigningKeys:
+    """The private signing keys: $CVL_TOKEN_SIGNING_KEY, else .run/token-signing.jwk (created on first use, with the
+    public .run/token-jwks.json the services read)."""
+    return jwks.signing_keys(settings.run_dir())
+
+
+def _issue(keys: jwks.SigningKeys, role: str, *, ttl_s: int, city: str | None = None, provider: str | None = None,
+           sub: str | None = None) -> str:
+    return auth.issue(keys, role=role, city=city, provider=provider, ttl_s=ttl_s, sub=sub,  # type: ignore[arg-type]
+                      issuer=settings.token_issuer(), audience=settings.token_audience())
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -49,10 +57,47 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         print(f"--ttl must be between 1 s and {TOKEN_TTL_S_MAX} s", file=sys.stderr)
         return 2
     try:
-        print(auth.issue(_token_key(), role=args.role, city=args.city, provider=args.provider, ttl_s=ttl_s))
-    except ValueError as exc:
+        print(_issue(_signing_keys(), args.role, city=args.city, provider=args.provider, ttl_s=ttl_s, sub=args.sub))
+    except ValueError as exc:  # jwks.KeySetError included
         print(str(exc), file=sys.stderr)
         return 2
+    return 0
+
+
+def _print_keys(keys: jwks.SigningKeys) -> None:
+    for key in keys.keys:
+        print(f"{key['kid']}{'  (signs)' if key is keys.current else ''}")
+
+
+def cmd_token_init(args: argparse.Namespace) -> int:
+    """Create the signing key set if there is none and (re)write the public JWK Set the services read."""
+    try:
+        keys = _signing_keys()
+    except jwks.KeySetError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    jwks.write_public(settings.run_dir() / jwks.PUBLIC_FILE, keys)  # also for keys from $CVL_TOKEN_SIGNING_KEY
+    _print_keys(keys)
+    return 0
+
+
+def cmd_token_rotate_key(args: argparse.Namespace) -> int:
+    try:
+        kid = jwks.rotate(settings.run_dir())
+    except jwks.KeySetError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(kid)
+    return 0
+
+
+def cmd_token_retire_key(args: argparse.Namespace) -> int:
+    try:
+        jwks.retire(settings.run_dir(), args.kid)
+    except jwks.KeySetError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(f"retired {args.kid}: the services refuse its tokens once they re-read the key set (within seconds)")
     return 0
 
 
@@ -66,8 +111,8 @@ def _put(url: str, token: str, body: dict) -> dict:
 def cmd_demo_seed(args: argparse.Namespace) -> int:
     """Create the demo cities, programs, budgets and providers of CONTRACT.md (idempotent: PUTs of the same values
     change nothing) and write demo tokens."""
-    key = _token_key()
-    admin = auth.issue(key, role="admin", ttl_s=DEMO_TOKEN_TTL_S)
+    keys = _signing_keys()
+    admin = _issue(keys, "admin", ttl_s=DEMO_TOKEN_TTL_S)
     base = args.url.rstrip("/")
     try:
         for city, (name, amount) in DEMO_BUDGETS_FEN.items():
@@ -86,9 +131,9 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
         return 1
     tokens = {
         "admin": admin,
-        "auditor": auth.issue(key, role="auditor", ttl_s=DEMO_TOKEN_TTL_S),
-        "issuer": {c: auth.issue(key, role="issuer", city=c, ttl_s=DEMO_TOKEN_TTL_S) for c in DEMO_BUDGETS_FEN},
-        "provider": {p: auth.issue(key, role="provider", provider=p, ttl_s=DEMO_TOKEN_TTL_S) for p in DEMO_PROVIDERS},
+        "auditor": _issue(keys, "auditor", ttl_s=DEMO_TOKEN_TTL_S),
+        "issuer": {c: _issue(keys, "issuer", city=c, ttl_s=DEMO_TOKEN_TTL_S) for c in DEMO_BUDGETS_FEN},
+        "provider": {p: _issue(keys, "provider", provider=p, ttl_s=DEMO_TOKEN_TTL_S) for p in DEMO_PROVIDERS},
     }
     out = settings.run_dir() / "tokens.json"
     out.write_text(json.dumps(tokens, indent=2))
@@ -100,14 +145,15 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 # --- audit ------------------------------------------------------------------------------------------------------------
 
 def _auditor_token(explicit: str | None) -> str | None:
-    """--token, else $CVL_TOKEN, else a fresh auditor token signed with $CVL_TOKEN_KEY, else the demo auditor's
-    token in .run/tokens.json, else one signed with .run/token.key (an operator on the ledger's own machine)."""
+    """--token, else $CVL_TOKEN, else a fresh auditor token signed with $CVL_TOKEN_SIGNING_KEY, else the demo
+    auditor's token in .run/tokens.json, else one signed with .run/token-signing.jwk (an operator on the machine
+    that holds the signing key)."""
     if explicit:
         return explicit
     if env := os.environ.get("CVL_TOKEN"):
         return env
-    if os.environ.get("CVL_TOKEN_KEY"):
-        return auth.issue(_token_key(), role="auditor", ttl_s=AUDIT_TOKEN_TTL_S, sub="cvl-audit")
+    if os.environ.get(jwks.SIGNING_ENV):
+        return _issue(_signing_keys(), "auditor", ttl_s=AUDIT_TOKEN_TTL_S, sub="cvl-audit")
     run = settings.run_dir()
     tokens = run / "tokens.json"
     if tokens.exists():
@@ -115,8 +161,8 @@ def _auditor_token(explicit: str | None) -> str | None:
             return json.loads(tokens.read_text())["auditor"]
         except (ValueError, KeyError):
             pass
-    if (run / "token.key").exists():
-        return auth.issue(_token_key(), role="auditor", ttl_s=AUDIT_TOKEN_TTL_S, sub="cvl-audit")
+    if (run / jwks.SIGNING_FILE).exists():
+        return _issue(_signing_keys(), "auditor", ttl_s=AUDIT_TOKEN_TTL_S, sub="cvl-audit")
     return None
 
 
@@ -197,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     issue.add_argument("--city", help="scope: the issuer's city, or an auditor's city")
     issue.add_argument("--provider", help="scope: the provider's id")
     issue.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
+    issue.add_argument("--sub", help="the subject (default: the role)")
     issue.set_defaults(func=cmd_token_issue)
+    init = token.add_parser("init", help="create the signing key set if missing; write the public JWK Set")
+    init.set_defaults(func=cmd_token_init)
+    rotate = token.add_parser("rotate-key", help="add a signing key that signs from now on (old keys still verify)")
+    rotate.set_defaults(func=cmd_token_rotate_key)
+    retire = token.add_parser("retire-key", help="remove a key that no longer signs: its tokens are refused")
+    retire.add_argument("kid")
+    retire.set_defaults(func=cmd_token_retire_key)
 
     demo = sub.add_parser("demo", help="demo data").add_subparsers(dest="action", required=True)
     seed = demo.add_parser("seed", help="create the demo cities, budgets, providers and tokens")

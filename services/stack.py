@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,8 +30,8 @@ import asyncpg
 from schemas.limits import (
     STACK_EXIT_WAIT_S, STACK_PG_POOL_MAX, STACK_READY_POLL_S, STACK_READY_TIMEOUT_S, STACK_TOKEN_TTL_S,
 )
-from services.common import auth
-from services.common.settings import TOKEN_KEY_BYTES
+from services.common import auth, jwks
+from services.common.settings import DEFAULT_TOKEN_AUDIENCE, DEFAULT_TOKEN_ISSUER
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 LOG_DIR: Final = ROOT / ".run" / "logs" / "tests"
@@ -118,7 +120,9 @@ class Proc:
 class Stack:
     env: dict[str, str]
     dsn: str
-    token_key: bytes
+    # The stack's own token keys: the private signing set (this process signs the tests' tokens) and the public
+    # JWK Set the services read (CVL_TOKEN_JWKS_FILE); `cvl token rotate-key` with CVL_RUN_DIR=token_dir rotates them.
+    token_dir: Path
     topics: dict[str, str]
     procs: dict[str, list[Proc]] = field(default_factory=dict)
 
@@ -126,10 +130,21 @@ class Stack:
         procs = self.procs.get(service)
         return procs[0].url if procs else f"http://unstarted-{service}"
 
+    def signing_keys(self) -> jwks.SigningKeys:
+        return jwks.file_signing_keys(self.token_dir)
+
+    @property
+    def signing_key(self) -> str:
+        """The private signing set as text, as `CVL_TOKEN_SIGNING_KEY` takes it (for the CLI in a test)."""
+        return (self.token_dir / jwks.SIGNING_FILE).read_text()
+
     def token(self, role: str, *, city: str | None = None, provider: str | None = None,
-              ttl_s: int = STACK_TOKEN_TTL_S, sub: str | None = None) -> str:
-        return auth.issue(self.token_key, role=role, city=city, provider=provider, ttl_s=ttl_s,  # type: ignore
-                          sub=sub)
+              ttl_s: int = STACK_TOKEN_TTL_S, sub: str | None = None, **claims) -> str:
+        """A token signed with the stack's current signing key (`claims`: issuer, audience, not_before, jti)."""
+        claims.setdefault("issuer", DEFAULT_TOKEN_ISSUER)
+        claims.setdefault("audience", DEFAULT_TOKEN_AUDIENCE)
+        return auth.issue(self.signing_keys(), role=role, city=city, provider=provider, ttl_s=ttl_s,  # type: ignore
+                          sub=sub, **claims)
 
     def start(self, service: str, *, port: int | None = None, extra_env: dict[str, str] | None = None) -> Proc:
         port = port or free_port()
@@ -187,18 +202,24 @@ async def create_stack() -> Stack:
     infra = infra_env()
     run = secrets.token_hex(4)
     dsn = await create_database("cvl_test")
-    key = secrets.token_bytes(TOKEN_KEY_BYTES)
-    topics = {"issuing": f"t{run}.cvl.issuing.v1", "redemption": f"t{run}.cvl.redemption.v1"}
+    token_dir = Path(tempfile.mkdtemp(prefix=f"cvl-tokens-t{run}-"))
+    jwks.file_signing_keys(token_dir)
+    topics = {"issuing": f"t{run}.cvl.issuing.v1", "redemption": f"t{run}.cvl.redemption.v1",
+              "tokens": f"t{run}.cvl.tokens.v1"}
     env = {
         "CVL_PG_DSN": dsn,
         "CVL_KAFKA_BOOTSTRAP": infra["CVL_KAFKA_BOOTSTRAP"],
         "CVL_TOPIC_ISSUING": topics["issuing"],
         "CVL_TOPIC_REDEMPTION": topics["redemption"],
+        "CVL_TOPIC_TOKENS": topics["tokens"],
         "CVL_GROUP_PREFIX": f"t{run}",
-        "CVL_TOKEN_KEY": key.hex(),
+        "CVL_TOKEN_JWKS_FILE": str(token_dir / jwks.PUBLIC_FILE),
+        "CVL_TOKEN_JWKS_URL": "",
+        "CVL_TOKEN_ISSUER": DEFAULT_TOKEN_ISSUER,
+        "CVL_TOKEN_AUDIENCE": DEFAULT_TOKEN_AUDIENCE,
         "CVL_PG_POOL_MAX": str(STACK_PG_POOL_MAX),
     }
-    stack = Stack(env=env, dsn=dsn, token_key=key, topics=topics)
+    stack = Stack(env=env, dsn=dsn, token_dir=token_dir, topics=topics)
     await stack.wait_ready(stack.start("issuing"))
     wanted = os.environ.get("CVL_TEST_SERVICES", "redemption,ledger").split(",")
     procs = [stack.start(s) for s in ("redemption", "ledger") if s in wanted]
@@ -211,3 +232,4 @@ async def drop_stack(stack: Stack) -> None:
     """Stop every process of the stack and drop its database."""
     stack.stop_all()
     await drop_database(stack.dsn)
+    shutil.rmtree(stack.token_dir, ignore_errors=True)

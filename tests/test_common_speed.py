@@ -10,12 +10,23 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2 as aiokafka_murmur2
 
 from schemas import events as ev
-from services.common import auth, kafka, outbox
+from services.common import auth, jwks, kafka, outbox
 from services.common.consumer import CLAIM_SQL, Consumer, of_types
 from services.common.errors import Unauthorized
 from services.common.settings import Settings
 
-KEY = b"k" * 32
+KEYS = jwks.SigningKeys([jwks.new_private_jwk()])
+OTHER_KEYS = jwks.SigningKeys([jwks.new_private_jwk()])
+
+
+def verifier(keys: jwks.SigningKeys = KEYS) -> auth.Verifier:
+    v = auth.Verifier(service="test", issuer="iss", audience="cvl")
+    v.set_keys(jwks.parse_public_set(jwks.public_document(keys)))
+    return v
+
+
+def issue(**kw) -> str:
+    return auth.issue(KEYS, issuer="iss", audience="cvl", **kw)
 
 
 def test_murmur2_is_kafkas_bit_for_bit():
@@ -33,34 +44,50 @@ def test_partition_for_is_where_producer_send_puts_a_key():
 
 
 def test_a_cached_token_is_refused_once_it_expires(monkeypatch):
-    token = "Bearer " + auth.issue(KEY, role="issuer", city="wuxi", ttl_s=60)
-    first = auth.verify(KEY, token)
-    assert auth.verify(KEY, token) is first, "the second use is served from the cache"
-    with pytest.raises(Unauthorized):  # another key: not the cached entry
-        auth.verify(b"x" * 32, token)
+    v = verifier()
+    token = "Bearer " + issue(role="issuer", city="wuxi", ttl_s=60)
+    first = v.verify(token)
+    assert v.verify(token) is first, "the second use is served from the cache"
+    with pytest.raises(Unauthorized):  # a verifier with other keys: not the cached entry
+        verifier(OTHER_KEYS).verify(token)
     later = time.time() + 120
     monkeypatch.setattr(auth.time, "time", lambda: later)
     with pytest.raises(Unauthorized, match="expired"):
-        auth.verify(KEY, token)
+        v.verify(token)
     with pytest.raises(Unauthorized, match="expired"):
-        auth.verify(KEY, token)
+        v.verify(token)
+
+
+def test_a_cached_token_is_refused_once_revoked_or_its_key_is_retired():
+    v = verifier()
+    token = "Bearer " + issue(role="admin", ttl_s=60, jti="revoke-me")
+    kept = "Bearer " + issue(role="admin", ttl_s=60)
+    v.verify(token), v.verify(kept)
+    v.revoke("revoke-me", int(time.time()) + 60)
+    with pytest.raises(Unauthorized, match="revoked"):
+        v.verify(token)
+    assert v.verify(kept).role == "admin"
+    v.set_keys({})  # the key retired: what it signed verifies again, and fails
+    with pytest.raises(Unauthorized, match="key"):
+        v.verify(kept)
 
 
 def test_the_token_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(auth, "TOKEN_CACHE_MAX", 3)
-    auth._verified.clear()
+    v = verifier()
     for i in range(10):
-        auth.verify(KEY, "Bearer " + auth.issue(KEY, role="provider", provider=f"p{i}", ttl_s=60))
-    assert len(auth._verified) == 3
+        v.verify("Bearer " + issue(role="provider", provider=f"p{i}", ttl_s=60))
+    assert len(v._verified) == 3
 
 
 def test_refused_tokens_are_not_cached():
-    auth._verified.clear()
-    token = auth.issue(KEY, role="admin", ttl_s=60)
-    for bad in ("Bearer " + token[:-2] + "AA", "Bearer x.y", None, "Basic abc"):
+    v = verifier()
+    token = issue(role="admin", ttl_s=60)
+    tampered = token[:-10] + ("B" if token[-10] == "A" else "A") + token[-9:]  # a signature byte changed
+    for bad in ("Bearer " + tampered, "Bearer x.y", None, "Basic abc"):
         with pytest.raises(Unauthorized):
-            auth.verify(KEY, bad)
-    assert not auth._verified
+            v.verify(bad)
+    assert not v._verified
 
 
 class _Conn:
@@ -95,7 +122,7 @@ class _Record:
 
 def _settings() -> Settings:
     return Settings(service="issuing", port=0, pg_dsn="unused", kafka_bootstrap="unused", topic_issuing="t",
-                    topic_redemption="t", group_prefix="g", run_dir=".", token_key=b"k")  # type: ignore[arg-type]
+                    topic_redemption="t", group_prefix="g", run_dir=".")  # type: ignore[arg-type]
 
 
 def _city(name: str) -> bytes:

@@ -1,4 +1,5 @@
-"""First start: several processes create `.run/token.key` at the same moment; all start, and all use the same key."""
+"""First start: several processes create the token signing key set (`.run/token-signing.jwk`, and the public
+`.run/token-jwks.json` written from it) at the same moment; all start, and all use the same key."""
 from __future__ import annotations
 
 import json
@@ -14,13 +15,13 @@ PROCESSES = 8         # services and CLI calls starting together on a fresh mach
 RUN_DIRS = 200        # fresh run directories the processes race through, one after another
 BARRIER_WAIT_S = 60.0
 
-# Each process waits at the barrier, then reads-or-creates the token key in every run directory in turn, and
-# prints what it got (or the error it raised) per directory.
+# Each process waits at the barrier, then reads-or-creates the token signing keys in every run directory in turn, and
+# prints the signing key's kid and the public set it got (or the error it raised) per directory.
 RACER = """
 import json, os, sys, time
 from pathlib import Path
-from services.common import settings
-os.environ.pop("CVL_TOKEN_KEY", None)
+from services.common import jwks
+os.environ.pop("CVL_TOKEN_SIGNING_KEY", None)
 base, me = Path(sys.argv[1]), sys.argv[2]
 (base / f"ready-{me}").touch()
 while not (base / "go").exists():
@@ -28,17 +29,18 @@ while not (base / "go").exists():
 out = {}
 for d in sorted(p for p in base.iterdir() if p.is_dir()):
     try:
-        out[d.name] = settings.token_key(d).hex()
+        keys = jwks.file_signing_keys(d)
+        out[d.name] = keys.current["kid"] + " " + (d / "token-jwks.json").read_text()
     except Exception as exc:
         out[d.name] = f"error: {type(exc).__name__}: {exc}"
 print(json.dumps(out))
 """
 
 
-def test_processes_starting_together_create_one_token_key(tmp_path: Path):
+def test_processes_starting_together_create_one_token_signing_key(tmp_path: Path):
     for i in range(RUN_DIRS):
         (tmp_path / f"run-{i:03d}").mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "CVL_TOKEN_KEY"}
+    env = {k: v for k, v in os.environ.items() if k != "CVL_TOKEN_SIGNING_KEY"}
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(i)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for i in range(PROCESSES)]
@@ -60,7 +62,10 @@ def test_processes_starting_together_create_one_token_key(tmp_path: Path):
         run = tmp_path / f"run-{i:03d}"
         keys = {got[run.name] for got in seen}
         assert len(keys) == 1, f"{run.name}: the processes use {len(keys)} different keys"
-        on_disk = (run / "token.key").read_text().strip()
-        assert keys == {on_disk} and len(bytes.fromhex(on_disk)) == 32
-        assert (run / "token.key").stat().st_mode & 0o777 == 0o600
-        assert [p.name for p in run.iterdir()] == ["token.key"], "no temporary file is left behind"
+        on_disk = json.loads((run / "token-signing.jwk").read_text())["keys"]
+        public = json.loads((run / "token-jwks.json").read_text())["keys"]
+        assert len(on_disk) == 1 and keys == {on_disk[0]["kid"] + " " + (run / "token-jwks.json").read_text()}
+        assert public == [{k: v for k, v in on_disk[0].items() if k != "d"}], "the public set holds no private key"
+        assert (run / "token-signing.jwk").stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in run.iterdir()) == ["token-jwks.json", "token-signing.jwk"], \
+            "no temporary file is left behind"

@@ -32,7 +32,7 @@ SLEEPING_SQL = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_da
 async def fresh_pool(tmp_path: Path):
     async with scratch_database("cvl_migrate") as dsn:
         settings = Settings(service="issuing", port=0, pg_dsn=dsn, kafka_bootstrap="unused", topic_issuing="unused",
-                            topic_redemption="unused", group_prefix="unused", run_dir=tmp_path, token_key=b"unused",
+                            topic_redemption="unused", group_prefix="unused", run_dir=tmp_path,
                             pg_pool_max=2)
         pool = await db.create_pool(settings, "migrate_test")
         try:

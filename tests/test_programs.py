@@ -407,7 +407,7 @@ async def test_the_ledgers_program_accounts_and_reports_match_the_issuing_side(w
 async def test_the_demo_seed_creates_the_contracts_programs_and_running_it_again_changes_nothing(
         world_factory, api, monkeypatch, tmp_path):
     w = await world_factory(1)  # for its tokens and URLs
-    monkeypatch.setenv("CVL_TOKEN_KEY", w.stack.token_key.hex())
+    monkeypatch.setenv("CVL_TOKEN_SIGNING_KEY", w.stack.signing_key)
     monkeypatch.setenv("CVL_RUN_DIR", str(tmp_path))
     seed = ["demo", "seed", "--url", w.issuing]
     assert await asyncio.to_thread(cli.main, seed) == 0

@@ -45,7 +45,7 @@ async def pool(tmp_path: Path):
     async with scratch_database("cvl_programs") as dsn:
         settings = Settings(service="redemption", port=0, pg_dsn=dsn, kafka_bootstrap="unused",
                             topic_issuing=TOPIC_ISSUING, topic_redemption=TOPIC_REDEMPTION, group_prefix="unused",
-                            run_dir=tmp_path, token_key=b"unused", pg_pool_max=2)
+                            run_dir=tmp_path, pg_pool_max=2)
         p = await db.create_pool(settings, SCHEMA)
         try:
             yield p

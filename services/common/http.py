@@ -27,7 +27,7 @@ from schemas.limits import (
     SHUTDOWN_TIMEOUT_S,
 )
 
-from . import auth, db, idempotency, metrics, ratelimit
+from . import auth, db, idempotency, jwks, kafka, metrics, ratelimit, revocations, tasks
 from .errors import NotFound, PayloadTooLarge, RateLimited, ServiceError, Unavailable, ValidationFailed
 from .settings import Settings
 
@@ -39,6 +39,9 @@ PROBLEM_JSON: Final = "application/problem+json"
 SETTINGS: Final = web.AppKey("settings", Settings)
 READY: Final = web.AppKey("ready", Callable[[], Awaitable[dict[str, bool]]])
 ROUTES: Final = web.AppKey("routes", list)
+VERIFIER: Final = web.AppKey("verifier", auth.Verifier)
+JWKS_PATH: Final = "/.well-known/jwks.json"
+JWK_SET_JSON: Final = "application/jwk-set+json"
 
 _encoder = msgspec.json.Encoder()
 
@@ -133,7 +136,7 @@ def param(request: web.Request, name: str, type_: Any, *, query: bool = False, d
 
 
 def principal(request: web.Request) -> auth.Principal:
-    return auth.verify(request.app[SETTINGS].token_key, request.headers.get("Authorization"))
+    return request.app[VERIFIER].verify(request.headers.get("Authorization"))
 
 
 # --- idempotency (the rules live in services.common.idempotency; the edge reads the header, writes the reply) ------
@@ -239,7 +242,7 @@ def rate_limited(wait_s: float) -> RateLimited:
     return err
 
 
-def edge_middleware(service: str, request_timeout_s: float, token_key: bytes = b"",
+def edge_middleware(service: str, request_timeout_s: float, verifier: auth.Verifier | None = None,
                     buckets: ratelimit.Buckets | None = None):
     """The one middleware of every service, in the order the layers used to nest (outermost first): metrics (count
     and time what the client saw, problems included) → errors (every failure becomes a problem+json) → the rate
@@ -252,7 +255,7 @@ def edge_middleware(service: str, request_timeout_s: float, token_key: bytes = b
     by_route: dict[tuple, _RouteMetrics] = {}
     perf_counter = time.perf_counter
     current_task = asyncio.current_task
-    subject_of = auth.subject_of
+    subject_of = verifier.subject_of if verifier is not None else (lambda authorization: None)
     take = buckets.take if buckets is not None else None
 
     @web.middleware
@@ -261,7 +264,7 @@ def edge_middleware(service: str, request_timeout_s: float, token_key: bytes = b
         wait_s = 0.0
         if take is not None and request.path not in UNLIMITED_PATHS:
             authorization = request.headers.get("Authorization")
-            who = subject_of(token_key, authorization) if authorization else None
+            who = subject_of(authorization) if authorization else None
             wait_s = take(who or f"remote:{request.remote}", started)
         if wait_s:
             response = failure_response(request, rate_limited(wait_s))
@@ -333,6 +336,11 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503)
 
 
+async def jwks_json(request: web.Request) -> web.Response:
+    """RFC 7517 JWK Set: the public keys this service accepts tokens signed with (public; no token needed)."""
+    return web.Response(body=request.app[VERIFIER].document, content_type=JWK_SET_JSON)
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -380,13 +388,54 @@ def openapi(service: str, routes: list[Route]) -> dict:
 
 # --- app factory and server ------------------------------------------------------------------------------------------
 
+def token_keys(settings: Settings, verifier: auth.Verifier) -> jwks.FileSource | jwks.UrlSource:
+    """Where the service's public token keys come from: the identity provider's URL, else the JWK Set file."""
+    if settings.token_jwks_url:
+        source: jwks.FileSource | jwks.UrlSource = jwks.UrlSource(settings.token_jwks_url, verifier.set_keys)
+    else:
+        assert settings.token_jwks_file is not None, "settings.load fills in the default file"
+        source = jwks.FileSource(settings.token_jwks_file, verifier.set_keys)
+    verifier.on_unknown_kid = source.nudge
+    return source
+
+
+def tokens_context(settings: Settings, verifier: auth.Verifier):
+    """Before the service answers: its public keys loaded, the revocations on the tokens topic read; then both
+    followed in the background (a rotated key file within TOKEN_JWKS_FILE_CHECK_S, a revocation within a poll)."""
+    async def context(app: web.Application):
+        source = token_keys(settings, verifier)
+        if isinstance(source, jwks.FileSource):
+            try:
+                source.load()
+            except FileNotFoundError as exc:
+                raise RuntimeError(f"no token keys at {source.path}: run `cvl token init` (make up does), or set "
+                                   f"CVL_TOKEN_JWKS_FILE or CVL_TOKEN_JWKS_URL") from exc
+        else:
+            try:
+                await source.load()
+            except Exception as exc:  # the identity provider may come up later: refuse tokens until then
+                log.error("token keys not fetched at start, retrying: %s", exc, extra={"url": source.url})
+        await kafka.ensure_topics(settings, [settings.topic_tokens])
+        listener = revocations.Listener(settings, verifier)
+        await listener.start()
+        background = [asyncio.create_task(source.run(), name="token-keys"),
+                      asyncio.create_task(listener.run(), name="token-revocations")]
+        yield
+        await tasks.cancel_all(background)
+        await listener.stop()
+    return context
+
+
 def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
+    verifier = auth.Verifier(service=settings.service, issuer=settings.token_issuer, audience=settings.token_audience)
     app = web.Application(client_max_size=BODY_BYTES_MAX,
-                          middlewares=[edge_middleware(settings.service, settings.request_timeout_s,
-                                                       settings.token_key,
+                          middlewares=[edge_middleware(settings.service, settings.request_timeout_s, verifier,
                                                        ratelimit.Buckets(settings.rate_limit_per_s,
                                                                          settings.rate_limit_burst))])
     app[SETTINGS] = settings
+    app[VERIFIER] = verifier
+    # First of the app's contexts: its startup runs before the service's own (pool, consumers), its cleanup after.
+    app.cleanup_ctx.append(tokens_context(settings, verifier))
     app[READY] = ready
     app[ROUTES] = routes
     document = _encoder.encode(openapi(settings.service, routes))
@@ -398,6 +447,7 @@ def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaita
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get(JWKS_PATH, jwks_json)
     for r in routes:
         app.router.add_route(r.method, r.path, r.handler, name=r.handler.__name__)
     return app

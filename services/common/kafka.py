@@ -17,16 +17,26 @@ from aiokafka.errors import TopicAlreadyExistsError
 from .settings import Settings
 from schemas.limits import (
     KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S,
-    TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S, TOPIC_SETUP_RETRY_S, TOPIC_STARTUP_WAIT_S,
+    TOKEN_TOPIC_PARTITIONS, TOKEN_TOPIC_RETENTION_MS, TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S,
+    TOPIC_SETUP_RETRY_S, TOPIC_STARTUP_WAIT_S,
 )
 
 log = logging.getLogger("cvl.kafka")
 
 
-async def ensure_topics(settings: Settings) -> None:
-    """Create both topics if missing (idempotent; waits for the broker, bounded)."""
+def _new_topic(settings: Settings, topic: str) -> NewTopic:
+    if topic == settings.topic_tokens:
+        # Revocations: few, read whole by every process at start, kept longer than any token lives.
+        return NewTopic(topic, TOKEN_TOPIC_PARTITIONS, 1,
+                        topic_configs={"retention.ms": str(TOKEN_TOPIC_RETENTION_MS)})
+    return NewTopic(topic, KAFKA_PARTITIONS, 1)
+
+
+async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
+    """Create the topics if missing (default: all three; idempotent; waits for the broker, bounded)."""
     deadline = time.monotonic() + TOPIC_STARTUP_WAIT_S
-    topics = [settings.topic_issuing, settings.topic_redemption]
+    if topics is None:
+        topics = [settings.topic_issuing, settings.topic_redemption, settings.topic_tokens]
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
                                     request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
@@ -36,7 +46,7 @@ async def ensure_topics(settings: Settings) -> None:
             missing = [t for t in topics if t not in existing]
             if missing:
                 try:
-                    await admin.create_topics([NewTopic(t, KAFKA_PARTITIONS, 1) for t in missing])
+                    await admin.create_topics([_new_topic(settings, t) for t in missing])
                 except TopicAlreadyExistsError:
                     pass
                 log.info("topics created", extra={"topics": missing})

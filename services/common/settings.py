@@ -11,10 +11,9 @@ from schemas.limits import (
     PG_POOL_MAX, RATE_LIMIT_BURST, RATE_LIMIT_PER_S, REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_S_MAX, REQUEST_TIMEOUT_S_MIN,
 )
 
-from . import keyfile
-
 ROOT: Final = Path(__file__).resolve().parents[2]
-TOKEN_KEY_BYTES: Final = 32  # HMAC-SHA256 key: as long as the hash
+DEFAULT_TOKEN_ISSUER: Final = "cvl.example/tokens"  # `iss` of the tokens `cvl token issue` signs
+DEFAULT_TOKEN_AUDIENCE: Final = "cvl"                # `aud` (CONTRACT.md)
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -27,7 +26,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     topic_redemption: str
     group_prefix: str
     run_dir: Path
-    token_key: bytes
+    topic_tokens: str = "cvl.tokens.v1"
+    # The public keys that verify bearer tokens: an identity provider's JWK Set URL, else the JWK Set file
+    # (default `run_dir/token-jwks.json`). Services never read a private key.
+    token_jwks_url: str | None = None
+    token_jwks_file: Path | None = None
+    token_issuer: str = DEFAULT_TOKEN_ISSUER
+    token_audience: str = DEFAULT_TOKEN_AUDIENCE
     pg_pool_max: int = PG_POOL_MAX
     request_timeout_s: float = REQUEST_TIMEOUT_S
     rate_limit_per_s: float = RATE_LIMIT_PER_S
@@ -43,12 +48,19 @@ def run_dir() -> Path:
     return path
 
 
-def token_key(run: Path) -> bytes:
-    """The HMAC key that signs bearer tokens: `CVL_TOKEN_KEY` (hex), else `.run/token.key`, created once."""
-    if env := os.environ.get("CVL_TOKEN_KEY"):
-        return bytes.fromhex(env)
-    text = keyfile.read_or_create(run / "token.key", lambda: os.urandom(TOKEN_KEY_BYTES).hex().encode())
-    return bytes.fromhex(text.decode().strip())
+def token_issuer() -> str:
+    """`CVL_TOKEN_ISSUER`: the `iss` tokens must carry (and `cvl token issue` writes)."""
+    return os.environ.get("CVL_TOKEN_ISSUER", DEFAULT_TOKEN_ISSUER)
+
+
+def token_audience() -> str:
+    """`CVL_TOKEN_AUDIENCE`: the `aud` tokens must carry (and `cvl token issue` writes)."""
+    return os.environ.get("CVL_TOKEN_AUDIENCE", DEFAULT_TOKEN_AUDIENCE)
+
+
+def token_jwks_file(run: Path) -> Path:
+    """`CVL_TOKEN_JWKS_FILE`, else `.run/token-jwks.json` (written by `cvl token`)."""
+    return Path(os.environ.get("CVL_TOKEN_JWKS_FILE", run / "token-jwks.json"))
 
 
 def request_timeout_s(raw: str | None) -> float:
@@ -87,7 +99,11 @@ def load(service: str) -> Settings:
         topic_redemption=env.get("CVL_TOPIC_REDEMPTION", "cvl.redemption.v1"),
         group_prefix=env.get("CVL_GROUP_PREFIX", "cvl"),
         run_dir=run,
-        token_key=token_key(run),
+        topic_tokens=env.get("CVL_TOPIC_TOKENS", "cvl.tokens.v1"),
+        token_jwks_url=env.get("CVL_TOKEN_JWKS_URL") or None,
+        token_jwks_file=token_jwks_file(run),
+        token_issuer=token_issuer(),
+        token_audience=token_audience(),
         pg_pool_max=int(env.get("CVL_PG_POOL_MAX", PG_POOL_MAX)),
         request_timeout_s=request_timeout_s(env.get("CVL_REQUEST_TIMEOUT_S")),
         rate_limit_per_s=per_s,

@@ -15,7 +15,7 @@ from aiohttp import web
 from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, ProviderId, Uuid, Year
 from schemas.issuing import (
     BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Program, ProgramIn, Provider, ProviderIn,
-    RevokeIn, Voucher,
+    RevokeIn, TokenRevocation, TokenRevokeIn, Voucher,
 )
 
 from services.common import db, http, idempotency, kafka, outbox, tasks
@@ -25,7 +25,7 @@ from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
-from . import commands, domain
+from . import commands, domain, tokens
 from .writer import Writers
 
 SCHEMA: Final = "issuing"
@@ -33,6 +33,7 @@ MIGRATIONS: Final = Path(__file__).parent / "migrations"
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
 COMMANDS: Final = web.AppKey("commands", commands.Issuing)
 WRITERS: Final = web.AppKey("writers", Writers)
+REVOCATIONS: Final = web.AppKey("revocations", tokens.Revocations)
 CONSUMER_GROUP: Final = "issuing"  # reads the redemption topic: what revocations and expiries gave back
 
 
@@ -148,6 +149,18 @@ async def revoke(request: web.Request) -> web.Response:
     return http.answer(await commands.revoke(request.app[COMMANDS], who, voucher_id, body, key))
 
 
+# --- bearer tokens ------------------------------------------------------------------------------------------------
+
+async def revoke_token(request: web.Request) -> web.Response:
+    """The admin revokes a bearer token before it expires; every service refuses it within seconds."""
+    who = principal(request)
+    require(who, "admin")
+    raw = await http.read_body(request)
+    body = http.decode(raw, TokenRevokeIn)
+    key = http.idempotency_key(request, who, raw)
+    return http.answer(await tokens.revoke(request.app[REVOCATIONS], who.subject, body, key))
+
+
 ROUTES: Final = [
     Route("PUT", "/v1/cities/{city}", put_city, "Create or update a city", ("admin",), CityIn, City,
           params={"city": CityId}),
@@ -178,6 +191,9 @@ ROUTES: Final = [
     Route("POST", "/v1/vouchers/{voucher_id}/revoke", revoke,
           "Revoke a voucher: it is frozen for redemption and its unspent balance returns to the budget",
           ("issuer",), RevokeIn, Voucher, params={"voucher_id": Uuid}),
+    Route("POST", "/v1/tokens/revoke", revoke_token,
+          "Revoke a bearer token by jti until its exp: every service refuses it within 5 s", ("admin",),
+          TokenRevokeIn, TokenRevocation),
 ]
 
 
@@ -200,6 +216,7 @@ def create_app(settings: Settings) -> web.Application:
                             handler=apply_redemption_events, wants=of_types(*domain.SETTLING_EVENTS))
         app[POOL], app[WRITERS] = pool, writers
         app[COMMANDS] = commands.Issuing(pool, settings.topic_issuing, relay.wake)
+        app[REVOCATIONS] = tokens.Revocations(pool, settings.topic_tokens, relay.wake, app[http.VERIFIER].revoke)
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="redemption-consumer")
         sweeper = asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper")
