@@ -1,4 +1,5 @@
-"""Key files created once, however many processes start at the same moment (`.run/token.key`, `.run/log.key`).
+"""Key files created once, however many processes start at the same moment (`.run/token-signing.jwk`,
+`.run/log.key`).
 
 Each process writes its candidate under a name of its own (pid and random suffix), then hard-links it to the final
 name: `os.link` fails when the name exists, so the first writer wins atomically, and every process reads back the
