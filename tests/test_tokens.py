@@ -109,6 +109,19 @@ def test_a_public_key_set_with_private_material_is_refused():
                                                       jwks.public_jwk(key)]}).encode()).keys() == {key["kid"]}
 
 
+def test_a_key_file_is_read_again_only_when_it_changed_and_a_broken_one_keeps_the_last_good_keys(tmp_path):
+    keys = jwks.file_signing_keys(tmp_path)
+    loaded: list[jwks.PublicKeys] = []
+    source = jwks.FileSource(tmp_path / jwks.PUBLIC_FILE, loaded.append)
+    source.load()
+    source.load()
+    assert [list(k) for k in loaded] == [[keys.current["kid"]]], "unchanged: not parsed again"
+    (tmp_path / jwks.PUBLIC_FILE).write_text("{not json")
+    with pytest.raises(jwks.KeySetError):
+        source.load()
+    assert len(loaded) == 1, "the verifier keeps the keys it had"
+
+
 # --- against the services ------------------------------------------------------------------------------------------
 
 async def test_every_service_serves_the_public_keys_it_accepts(world_factory, api, stack):

@@ -257,6 +257,7 @@ class FileSource:
     def __init__(self, path: Path, on_change: KeysChanged):
         self.path, self.on_change = path, on_change
         self._seen: tuple[int, int, int] | None = None
+        self._failing: str | None = None  # the last error logged, so that a broken file is reported once
 
     def load(self) -> None:
         """Read the file now if it changed; raises when the first read fails (a service must start with keys)."""
@@ -277,8 +278,12 @@ class FileSource:
             await asyncio.sleep(TOKEN_JWKS_FILE_CHECK_S)
             try:
                 self.load()
+                self._failing = None
             except (OSError, KeySetError) as exc:
-                log.error("token keys not reloaded, the last good ones stay: %s", exc, extra={"path": str(self.path)})
+                if str(exc) != self._failing:
+                    log.error("token keys not reloaded, the last good ones stay: %s", exc,
+                              extra={"path": str(self.path)})
+                self._failing = str(exc)
 
 
 class UrlSource:
@@ -289,32 +294,36 @@ class UrlSource:
     def __init__(self, url: str, on_change: KeysChanged, clock: Callable[[], float] = time.monotonic):
         self.url, self.on_change, self.clock = url, on_change, clock
         self._nudged = asyncio.Event()
-        self._fetched_at = float("-inf")
+        self._tried_at = float("-inf")  # the last fetch attempt, failed ones included: nudges never flood the IdP
+        self._loaded = False
 
     async def load(self) -> None:
+        self._tried_at = self.clock()
         timeout = aiohttp.ClientTimeout(total=TOKEN_JWKS_FETCH_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.get(self.url, headers={"Accept": "application/json"}) as r:
                 if r.status != 200:
                     raise KeySetError(f"{self.url} answered {r.status}")
                 raw = await r.content.read(TOKEN_JWKS_BYTES_MAX + 1)
-        self._fetched_at = self.clock()
         keys = parse_public_set(raw)
         self.on_change(keys)
+        self._loaded = True
         log.info("token keys fetched", extra={"url": self.url, "kids": sorted(keys)})
 
     def nudge(self) -> None:
         self._nudged.set()
 
     async def run(self) -> None:
-        wait_s = TOKEN_JWKS_URL_REFRESH_S
+        wait_s = TOKEN_JWKS_URL_REFRESH_S if self._loaded else TOKEN_JWKS_FETCH_RETRY_S  # the start's fetch failed
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._nudged.wait(), wait_s)
+                since_s = self.clock() - self._tried_at
+                if since_s < TOKEN_JWKS_URL_REFRESH_MIN_S:  # nudged soon after a fetch: wait out the minimum
+                    await asyncio.sleep(TOKEN_JWKS_URL_REFRESH_MIN_S - since_s)
+            except TimeoutError:
+                pass  # the regular refresh (or the retry after a failure)
             self._nudged.clear()
-            early = self.clock() - self._fetched_at
-            if early < TOKEN_JWKS_URL_REFRESH_MIN_S:  # nudged too soon after a fetch: wait out the minimum
-                await asyncio.sleep(TOKEN_JWKS_URL_REFRESH_MIN_S - early)
             try:
                 await self.load()
                 wait_s = TOKEN_JWKS_URL_REFRESH_S
