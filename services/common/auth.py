@@ -136,18 +136,20 @@ class Verifier:
 
     # --- verification ---------------------------------------------------------------------------------------------------
 
-    def verify(self, authorization: str | None) -> Principal:
+    def verify(self, authorization: str | None, *, count: bool = True) -> Principal:
         cached = self._verified.get(authorization) if authorization else None  # type: ignore[arg-type]
         if cached is not None:
             if cached.exp > time.time() - TOKEN_LEEWAY_S:
                 return cached
             del self._verified[authorization]  # type: ignore[arg-type]
-            metrics.token_refusals.labels(self.service, "expired").inc()
+            if count:
+                metrics.token_refusals.labels(self.service, "expired").inc()
             raise Refused("expired", "the bearer token has expired")
         try:
             principal = self._verify(authorization)
         except Refused as exc:
-            metrics.token_refusals.labels(self.service, exc.reason).inc()
+            if count:
+                metrics.token_refusals.labels(self.service, exc.reason).inc()
             raise
         if len(self._verified) >= TOKEN_CACHE_MAX:
             del self._verified[next(iter(self._verified))]
@@ -155,12 +157,10 @@ class Verifier:
         return principal
 
     def subject_of(self, authorization: str) -> str | None:
-        """The subject of a valid bearer token, or None (not counted: the handler's own `verify` of the same header
-        counts the refusal, or finds the token in the cache)."""
-        if (cached := self._verified.get(authorization)) is not None and cached.exp > time.time() - TOKEN_LEEWAY_S:
-            return cached.subject
+        """The subject of a valid bearer token, or None: verified (and cached) once, so the handler's own `verify`
+        of the same header finds it in the cache; a refusal is counted there, not here."""
         try:
-            return self._verify(authorization).subject
+            return self.verify(authorization, count=False).subject
         except Unauthorized:
             return None
 
