@@ -19,7 +19,8 @@ amount_expired = Counter("cvl_amount_expired_fen_total", "Unspent value at expir
 sweeps = Counter("cvl_sweeps_total", "Sweeper rounds, by sweeper and outcome (ok, failed)", ["sweeper", "outcome"])
 sweep_duration = Histogram("cvl_sweep_duration_seconds", "Duration of one sweeper transaction", ["sweeper"],
                            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
-unknown_revocations = Counter("cvl_redemption_unknown_revocations_total",
-                              "Revocations of a voucher whose mint was never consumed here (skipped)")
+early_revocations = Counter("cvl_redemption_early_revocations_total",
+                            "Revocations consumed before their voucher's mint (a batch mint travels on another "
+                            "partition): parked until the mint is written")
 redemption_batch_size = Histogram("cvl_redemption_batch_commands", "Redemption commands per writer transaction",
                                   buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
