@@ -15,7 +15,7 @@ from .common import (
     DEFAULT_PROGRAM, Amount, Beneficiary, CityId, Currency, Fen, FenDelta, InvoiceNumber, Name, ProgramId, ProviderId,
     PurposeId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
 )
-from .limits import PURPOSES_PER_PROGRAM_MAX, TOKEN_JTI_LENGTH_MAX
+from .limits import AMOUNT_MAX, PURPOSES_PER_PROGRAM_MAX, TOKEN_JTI_LENGTH_MAX, VOUCHERS_PER_EVENT_MAX
 
 TOPIC_ISSUING: Final = "cvl.issuing.v1"
 TOPIC_REDEMPTION: Final = "cvl.redemption.v1"
@@ -83,6 +83,35 @@ class VoucherMintedData(msgspec.Struct, kw_only=True):
     year_end: YearEnd = "lapse"
     program: ProgramId = DEFAULT_PROGRAM
 
+
+
+class MintedVoucher(msgspec.Struct, kw_only=True):
+    """One voucher of a VouchersMinted event: VoucherMintedData's voucher fields (the budget's are the event's)."""
+
+    voucher_id: Uuid
+    beneficiary: Beneficiary
+    kind: VoucherKind
+    amount: Amount
+    subsidy_ratio_bp: SubsidyRatioBp
+    providers: list[ProviderId] | None
+    expires_at: Timestamp
+
+
+class VouchersMintedData(msgspec.Struct, kw_only=True):
+    """A batch mint's vouchers on ONE budget (city, program, year), as one event: `POST /v1/vouchers/batch` writes, in
+    the transaction that raised the budget, one per VOUCHERS_PER_EVENT_MAX vouchers of each budget it mints on, in
+    the answer's order (fewer when an event would encode past KAFKA_RECORD_BYTES_MAX). Keyed by city, as budget
+    events are. Each voucher means what a VoucherMinted with the same fields
+    means; `amount` is their sum, what the budget's committed rose by (the ledger refuses an event where it is not).
+    """
+
+    city: CityId
+    program: ProgramId = DEFAULT_PROGRAM
+    year: Year
+    created_at: Timestamp
+    year_end: YearEnd = "lapse"
+    amount: Annotated[int, Meta(ge=1, le=VOUCHERS_PER_EVENT_MAX * AMOUNT_MAX, description="The vouchers' amounts, summed")]
+    vouchers: Annotated[list[MintedVoucher], Meta(min_length=1, max_length=VOUCHERS_PER_EVENT_MAX)]
 
 
 class VoucherRevokedData(msgspec.Struct, kw_only=True):
@@ -242,6 +271,10 @@ class VoucherMinted(Envelope, tag="VoucherMinted"):
     data: VoucherMintedData
 
 
+class VouchersMinted(Envelope, tag="VouchersMinted"):
+    data: VouchersMintedData
+
+
 class VoucherRevoked(Envelope, tag="VoucherRevoked"):
     data: VoucherRevokedData
 
@@ -291,6 +324,7 @@ Event = Union[
     CitySet, BudgetSet, ProviderSet, VoucherMinted, VoucherRevoked, VoucherExpired,
     VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded, VoucherFrozen, ProgramSet, BudgetCarried,
     TokenRevoked,
+    VouchersMinted,
 ]
 EVENT_TYPES: Final[tuple[type[Envelope], ...]] = Event.__args__  # type: ignore[attr-defined]
 

@@ -27,6 +27,9 @@ PROVIDERS_PER_LIST_MAX: Final = 100
 CITIES_PER_PROVIDER_MAX: Final = 1000
 SUBSIDY_RATIO_BP_MAX: Final = 10_000
 BATCH_MINT_MAX: Final = 1000               # vouchers in one POST /v1/vouchers/batch
+# Vouchers one VouchersMinted event (one journal entry) names at most: a batch request travels as a few events, and
+# a page of GET /v1/entries (ENTRIES_LIMIT_MAX entries) holds at most ENTRIES_LIMIT_MAX * (this + 1) postings.
+VOUCHERS_PER_EVENT_MAX: Final = 100
 HOLD_TIMEOUT_S_MIN: Final = 1              # a hold lives at least a second ...
 HOLD_TIMEOUT_S_MAX: Final = 7 * 24 * 3600  # ... and at most a week before it voids itself
 EVENT_TYPE_LENGTH_MAX: Final = 64
@@ -89,6 +92,9 @@ TOPIC_METADATA_CHECKS_MAX: Final = 50      # created topics appear in the metada
 TOPIC_METADATA_POLL_S: Final = 0.1         # ... this far apart
 PRODUCER_LINGER_MS: Final = 2
 PRODUCER_BATCH_BYTES: Final = 512 * 1024
+# One event's encoded value at most (a VouchersMinted of a batch is split in parts below it): it always fits an empty
+# producer batch, and stays under the broker's message.max.bytes (1 MiB by default).
+KAFKA_RECORD_BYTES_MAX: Final = 448 * 1024
 OUTBOX_BATCH_MAX: Final = 2000             # outbox rows one relay round publishes
 OUTBOX_IDLE_POLL_S: Final = 0.05           # relay poll interval when nothing was signalled
 OUTBOX_LEADER_RETRY_S: Final = 1.0         # how often a non-leader relay tries to take the lead
@@ -109,6 +115,7 @@ RELAY_DRAIN_S: Final = 15.0                # the relay publishes what is committ
 # --- program rules: holds, expiry, statements ------------------------------------------------------------------------
 HOLD_SWEEP_INTERVAL_S: Final = 0.5         # how often each redemption process voids holds past their timeout
 EXPIRY_SWEEP_INTERVAL_S: Final = 1.0       # how often each redemption process expires vouchers past expires_at
+EARLY_REVOCATION_SWEEP_INTERVAL_S: Final = 1.0  # how often a revocation parked before its mint is re-tried
 SWEEP_BATCH_MAX: Final = 500               # vouchers one sweeper transaction settles (then it goes again at once)
 SWEEP_RETRY_S: Final = 2.0                 # pause after a failed sweep
 OPEN_HOLDS_PER_VOUCHER_MAX: Final = 1000   # open holds on one voucher (a revocation voids them in one transaction)
@@ -162,3 +169,4 @@ assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writ
 assert SHUTDOWN_TIMEOUT_S < STACK_EXIT_WAIT_S, "the stack waits for a drain to finish before killing"
 assert TOKEN_TOPIC_RETENTION_MS > TOKEN_TTL_S_MAX * 1000, "a revocation outlives every token it could refuse"
 assert TOKEN_REVOCATIONS_POLL_MS / 1000 < TOKEN_REVOCATION_WINDOW_S, "a revocation is fetched well inside its window"
+assert KAFKA_RECORD_BYTES_MAX < PRODUCER_BATCH_BYTES, "an event must fit in an empty producer batch"

@@ -72,6 +72,16 @@ async def test_a_voucher_limited_to_one_provider_refuses_the_others(world_factor
     assert r.status == 201 and r.body["balance"] == 95
 
 
+def voucher_ids_minted(records):
+    """The voucher ids the issuing topic's mint events name: one per VoucherMinted, each of a VouchersMinted's."""
+    for _, value in records:
+        event = json.loads(value)
+        if event["type"] == "VoucherMinted":
+            yield event["data"]["voucher_id"]
+        elif event["type"] == "VouchersMinted":
+            yield from (v["voucher_id"] for v in event["data"]["vouchers"])
+
+
 async def ledger_get(api, w, path: str):
     r = await api.call("GET", f"{w.ledger}{path}", token=w.auditor)
     return r
@@ -109,8 +119,7 @@ async def test_after_a_burst_every_event_is_on_kafka_once_and_in_the_journal_onc
     async def topics_complete():
         issuing = await read_topic(stack.env["CVL_KAFKA_BOOTSTRAP"], stack.topics["issuing"])
         redeemed = await read_topic(stack.env["CVL_KAFKA_BOOTSTRAP"], stack.topics["redemption"])
-        minted = collections.Counter(json.loads(v)["data"]["voucher_id"] for _, v in issuing
-                                     if json.loads(v)["type"] == "VoucherMinted")
+        minted = collections.Counter(voucher_ids_minted(issuing))
         red = collections.Counter(json.loads(v)["data"]["redemption_id"] for _, v in redeemed
                                   if json.loads(v)["type"] == "VoucherRedeemed")
         mine = {k: c for k, c in minted.items() if k in minted_ids}
@@ -124,6 +133,10 @@ async def test_after_a_burst_every_event_is_on_kafka_once_and_in_the_journal_onc
         event = json.loads(value)
         if event["type"] == "VoucherMinted":
             assert key.decode() == event["data"]["voucher_id"]  # keyed by voucher
+        if event["type"] == "VouchersMinted" and event["data"]["city"] == w.city:
+            # The batch request: one event for its 80 vouchers (VOUCHERS_PER_EVENT_MAX is 100), keyed by city.
+            assert key.decode() == w.city and len(event["data"]["vouchers"]) == 80
+            assert event["data"]["amount"] == sum(v["amount"] for v in event["data"]["vouchers"])
 
     # Ledger: every voucher's account equals what the redemption service reports.
     spent = collections.Counter()

@@ -239,7 +239,8 @@ class Replay:
         self._record_pos = 0
         self.recorded: dict[int, Subtrees] = {}
         self._shapes = {
-            "VoucherMinted": self._minted, "VoucherRedeemed": self._redeemed, "HoldCaptured": self._captured,
+            "VoucherMinted": self._minted, "VouchersMinted": self._batch_minted,
+            "VoucherRedeemed": self._redeemed, "HoldCaptured": self._captured,
             "RedemptionRefunded": self._refunded, "HoldPlaced": self._hold_placed, "HoldVoided": self._hold_voided,
             "VoucherRevoked": self._revoked, "VoucherFrozen": self._revoked, "VoucherExpired": self._expired,
             "BudgetSet": self._budget_set, "CitySet": self._no_postings, "ProviderSet": self._no_postings,
@@ -516,6 +517,25 @@ class Replay:
         cy = self._cy(budget)
         self.books.issued[cy] = self.books.issued.get(cy, 0) + amount
         self.homes[voucher] = cy
+
+    def _batch_minted(self, n: int, e: Entry, amount: int) -> None:
+        """A batch mint's vouchers on one budget, as one entry: D budget:{city}:{year}[:{program}] the sum, then a
+        credit to each voucher, none minted before (in this entry or any earlier one)."""
+        ps = e.postings
+        expected = "[D budget:{city}:{year}[:{program}] sum, C voucher:{id} amount, ...]"
+        if len(ps) < 2 or not ps[0].debit or not ps[0].account.startswith("budget:"):
+            raise self._shape(n, e, expected)
+        cy = self._cy(ps[0].account)
+        homes = self.homes
+        for p in ps[1:]:
+            voucher = p.account
+            if not p.credit or not voucher.startswith("voucher:"):
+                raise self._shape(n, e, expected)
+            if voucher in homes:
+                raise VerificationFailed(f"entry {n} ({e.type} {e.event_id}): {voucher} is minted a second time",
+                                         (n, 1))
+            homes[voucher] = cy
+        self.books.issued[cy] = self.books.issued.get(cy, 0) + amount
 
     def _redeemed(self, n: int, e: Entry, amount: int) -> None:
         voucher, _ = self._pair(n, e, "voucher:", "provider:", "[D voucher:{id}, C provider:{provider}]")

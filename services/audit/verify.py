@@ -415,7 +415,7 @@ def _find_mint(export: ExportFile, byte_range: tuple[int, int], voucher: str) ->
     needle = f'"account":"{voucher}"'.encode()
     for block in export.blocks(*byte_range):
         for line in block.split(b"\n"):
-            if needle in line and b'"VoucherMinted"' in line:
+            if needle in line and (b'"VoucherMinted"' in line or b'"VouchersMinted"' in line):
                 return entry_decoder.decode(line).index
     return -1
 

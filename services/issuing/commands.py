@@ -9,6 +9,7 @@ BudgetSet, BudgetCarried) are written under their city row's lock, so their outb
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from schemas.common import DEFAULT_PROGRAM
 from schemas.issuing import (
     BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Program, ProgramIn, Provider, ProviderIn, RevokeIn, Voucher,
 )
-from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX
+from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX, KAFKA_RECORD_BYTES_MAX, VOUCHERS_PER_EVENT_MAX
 
 from services.common import idempotency, metrics, outbox
 from services.common.ids import uuid4s
@@ -44,7 +45,8 @@ PRODUCER: Final = "issuing"
 ACTOR_CARRY: Final = "system:year-end-carry"  # BudgetCarried: emitted on a consumed VoucherExpired
 
 _encoder: Final = msgspec.json.Encoder()
-_MINTED_TYPE: Final = outbox.row_type(ev.VoucherMinted)  # the outbox row's type, as outbox.append writes it
+_MINTED_TYPE: Final = outbox.row_type(ev.VoucherMinted)  # the outbox rows' types, as outbox.append writes them
+_BATCH_MINTED_TYPE: Final = outbox.row_type(ev.VouchersMinted)
 
 
 @dataclass(frozen=True)
@@ -304,11 +306,11 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
     assert bool(deltas) == bool(accepted)
     if accepted:
         free = sorted((k, used) for k, used in usage.items() if k.budget not in capped)
-        events = _new_vouchers(accepted, budgets, programs, topic)
+        events = _new_vouchers(accepted, budgets, programs)
         updated = await conn.fetch(store.WRITE_MINTS_SQL, *_columns(list(deltas), 3), list(deltas.values()),
                                    *_columns([k for k, _ in free], 4), [used for _, used in free],
-                                   *_voucher_columns(accepted), events[0][2].occurred_at, topic, _MINTED_TYPE,
-                                   [e.event_id for _, _, e in events], [_encoder.encode(e) for _, _, e in events])
+                                   *_voucher_columns(accepted), accepted[0].minted[0].created_at, topic,
+                                   *(list(column) for column in zip(*events)))
         assert len(updated) == len(deltas), "a budget row refused its update: committed would exceed amount"
         for r in updated:
             assert 0 <= r["committed"] <= r["amount"]
@@ -346,33 +348,81 @@ async def _raise_usage(conn: asyncpg.Connection, budgets: dict[BudgetKey, Budget
             assert r["used"] == usage[UsageKey(r["city"], r["program"], r["year"], r["beneficiary"])]
 
 
+class QueuedEvent(NamedTuple):
+    """An event as store.WRITE_MINTS_SQL queues it in the outbox (the layout of services.common.outbox)."""
+
+    key: str
+    event_id: str
+    type: str
+    payload: bytes
+
+
 def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetState],
-                  programs: dict[ProgramKey, ProgramState], topic: str) -> list[tuple[str, str, ev.Envelope]]:
-    """The accepted commands' vouchers (each command's `minted`, its answer) and their VoucherMinted events (one per
-    voucher, keyed by its id)."""
+                  programs: dict[ProgramKey, ProgramState]) -> list[QueuedEvent]:
+    """The accepted commands' vouchers (each command's `minted`, its answer) and their events, in order.
+
+    A single mint's voucher travels as a VoucherMinted keyed by its id. A batch request's vouchers travel as
+    VouchersMinted events of up to VOUCHERS_PER_EVENT_MAX vouchers of one budget (city, program, year), keyed by
+    city as budget events are: one outbox row, one Kafka record and one journal entry for many vouchers instead of
+    one each. An event whose encoding would pass KAFKA_RECORD_BYTES_MAX (long provider lists) is split in halves
+    until each part fits.
+    """
     now = outbox.now()
     n = sum(len(c.vouchers) for c in accepted)
-    ids = uuid4s(2 * n)  # the vouchers' ids, then their events'
-    events = []
+    singles = sum(len(c.vouchers) for c in accepted if not c.batch)
+    ids = uuid4s(n + singles)  # the vouchers' ids, then the single mints' event ids
+    event_ids = iter(ids[n:])
+    events: list[QueuedEvent] = []
     i = 0
     for c in accepted:
         actor, minted = c.actor, c.minted
         for v in c.vouchers:
             voucher_id, city, program, year = ids[i], v.city, v.program, v.year
+            i += 1
             kind = domain.voucher_kind(v, programs[(city, program)])
             minted.append(Voucher(
                 voucher_id=voucher_id, city=city, year=year, beneficiary=v.beneficiary, kind=kind,  # type: ignore
                 amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
                 expires_at=v.expires_at, status="active", created_at=now, program=program))
+            if c.batch:
+                continue
             data = ev.VoucherMintedData(
                 voucher_id=voucher_id, city=city, year=year, beneficiary=v.beneficiary, kind=kind,  # type: ignore
                 amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
                 expires_at=v.expires_at, created_at=now, year_end=budgets[(city, program, year)].year_end,  # type: ignore
                 program=program)
-            events.append((topic, voucher_id, outbox.envelope(
-                ev.VoucherMinted, data, producer=PRODUCER, actor=actor, occurred_at=now, event_id=ids[n + i])))
-            i += 1
+            event = outbox.envelope(ev.VoucherMinted, data, producer=PRODUCER, actor=actor, occurred_at=now,
+                                    event_id=next(event_ids))
+            events.append(QueuedEvent(voucher_id, event.event_id, _MINTED_TYPE, _encoder.encode(event)))
+        if c.batch:
+            by_budget: dict[BudgetKey, list[ev.MintedVoucher]] = {}
+            for m in minted:
+                by_budget.setdefault(BudgetKey(m.city, m.program, m.year), []).append(ev.MintedVoucher(
+                    voucher_id=m.voucher_id, beneficiary=m.beneficiary, kind=m.kind, amount=m.amount,
+                    subsidy_ratio_bp=m.subsidy_ratio_bp, providers=m.providers, expires_at=m.expires_at))
+            for key, vouchers in by_budget.items():
+                for at in range(0, len(vouchers), VOUCHERS_PER_EVENT_MAX):
+                    events.extend(_batch_events(key, vouchers[at:at + VOUCHERS_PER_EVENT_MAX],
+                                                budgets[key].year_end, actor, now))
+    assert i == n
     return events
+
+
+def _batch_events(key: BudgetKey, vouchers: list[ev.MintedVoucher], year_end: str, actor: str,
+                  now: dt.datetime) -> list[QueuedEvent]:
+    """One VouchersMinted of `vouchers` on budget `key`, or, when it would encode past KAFKA_RECORD_BYTES_MAX,
+    those of each half (recursively): every part still fits one Kafka record."""
+    data = ev.VouchersMintedData(city=key.city, program=key.program, year=key.year, created_at=now,
+                                 year_end=year_end, amount=sum(v.amount for v in vouchers),  # type: ignore[arg-type]
+                                 vouchers=vouchers)
+    event = outbox.envelope(ev.VouchersMinted, data, producer=PRODUCER, actor=actor, occurred_at=now)
+    payload = _encoder.encode(event)
+    if len(payload) <= KAFKA_RECORD_BYTES_MAX:
+        return [QueuedEvent(key.city, event.event_id, _BATCH_MINTED_TYPE, payload)]
+    assert len(vouchers) > 1, "one voucher's VouchersMinted cannot exceed KAFKA_RECORD_BYTES_MAX (see schemas.limits)"
+    half = len(vouchers) // 2
+    return [*_batch_events(key, vouchers[:half], year_end, actor, now),
+            *_batch_events(key, vouchers[half:], year_end, actor, now)]
 
 
 def _voucher_columns(accepted: list[MintCommand]) -> list[list]:

@@ -155,8 +155,9 @@ RETURNING city, program, year, beneficiary, used"""
 # The batch's writes in ONE statement (one round trip): the budgets raised (the final arbiter across replicas: a budget
 # row is only ever raised within its amount), the usage of budgets without a cap added to (rows created as needed; a
 # capped budget's usage is written by RAISE_USAGE_SQL / INSERT_USAGE_SQL, within the cap), the vouchers inserted, and
-# their VoucherMinted events queued in the outbox (layout: services.common.outbox; key = the voucher id, $21: topic,
-# $22: type, $23: event ids, $24: payloads), in voucher order.
+# their events queued in the outbox (layout: services.common.outbox; $21: topic, then per event $22: key, $23: event id,
+# $24: type, $25: payload, in order: a VoucherMinted keyed by its voucher id per single mint, a VouchersMinted keyed by
+# city per budget of a batch request).
 # Every row it touches is under the budget row locks the batch holds, so the order in which PostgreSQL runs the parts
 # does not matter; a budget that refuses its update fails the batch, which then rolls back whole.
 WRITE_MINTS_SQL: Final = f"""
@@ -176,8 +177,9 @@ WITH usage AS (
          AS v(id, city, program, year, beneficiary, kind, amount, ratio, providers, expires_at)
 ), queued AS (
     INSERT INTO outbox ({outbox.COLUMNS})
-    SELECT $21::text, e.key::text, e.event_id, $22::text, e.payload
-    FROM unnest($10::uuid[], $23::uuid[], $24::bytea[]) AS e(key, event_id, payload)
+    SELECT $21::text, e.key, e.event_id, e.type, e.payload
+    FROM unnest($22::text[], $23::uuid[], $24::text[], $25::bytea[]) WITH ORDINALITY AS e(key, event_id, type, payload, n)
+    ORDER BY e.n
 )
 UPDATE budgets b SET committed = b.committed + k.delta, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, delta)

@@ -13,6 +13,8 @@ Postings of an entry, in the order they are listed (debit postings first, then c
                delta < 0    D budget:{city}:{year} |delta|           C appropriation:{city}:{year} |delta|
                delta = 0    no postings
     VoucherMinted           D budget:{city}:{year} amount            C voucher:{voucher_id} amount
+    VouchersMinted          D budget:{city}:{year} amount (the sum)  C voucher:{voucher_id} amount, for each voucher
+                                                                     in the event's order
     VoucherRedeemed         D voucher:{voucher_id} amount            C provider:{provider} amount
     HoldPlaced              D voucher:{voucher_id} amount            C hold:{voucher_id} amount
     HoldCaptured            D hold:{voucher_id} captured+released    C provider:{provider} captured,
@@ -176,6 +178,10 @@ def postings(event: ev.Event) -> list[Posting]:
             return _move(-d.delta, budget(d.city, d.year, d.program), appropriation(d.city, d.year, d.program))
         case ev.VoucherMinted(data=d):
             return _move(d.amount, budget(d.city, d.year, d.program), voucher(d.voucher_id))
+        case ev.VouchersMinted(data=d):
+            _check_batch_total(event)
+            return [Posting(account=budget(d.city, d.year, d.program), debit=d.amount, credit=0),
+                    *(Posting(account=voucher(v.voucher_id), debit=0, credit=v.amount) for v in d.vouchers)]
         case ev.VoucherRedeemed(data=d):
             return _move(d.amount, voucher(d.voucher_id), provider(d.provider))
         case ev.HoldPlaced(data=d):
@@ -207,6 +213,16 @@ def postings(event: ev.Event) -> list[Posting]:
             return _move(d.returned, voucher(d.voucher_id), budget(d.city, d.year, d.program))
         case _:
             assert_never(event)
+
+
+def _check_batch_total(event: ev.VouchersMinted) -> None:
+    """A VouchersMinted's `amount` is the sum of its vouchers' (what the budget gave), each named once."""
+    d = event.data
+    total = sum(v.amount for v in d.vouchers)
+    if d.amount != total:
+        raise InvalidEvent(f"VouchersMinted {event.event_id}: amount is {d.amount}, its vouchers sum to {total}")
+    if len({v.voucher_id for v in d.vouchers}) != len(d.vouchers):
+        raise InvalidEvent(f"VouchersMinted {event.event_id}: a voucher is named twice")
 
 
 def carries(d: ev.VoucherExpiredData) -> bool:
@@ -291,7 +307,7 @@ def report_delta(event: ev.Event, entry_postings: list[Posting]) -> list[tuple[C
             return None
         case ev.BudgetSet(data=d):
             counters = {"budget": d.delta}
-        case ev.VoucherMinted(data=d):
+        case ev.VoucherMinted(data=d) | ev.VouchersMinted(data=d):
             counters = {"issued": d.amount}
         case ev.VoucherRedeemed(data=d):
             counters = {"redeemed": d.amount}
@@ -318,10 +334,21 @@ def report_delta(event: ev.Event, entry_postings: list[Posting]) -> list[tuple[C
     return rows
 
 
+def voucher_homes(event: ev.Event) -> list[tuple[str, CityYear]]:
+    """(voucher_id, its city, year and program) for every voucher an event names: VouchersMinted names many, any
+    other voucher event one (`voucher_home`)."""
+    if isinstance(event, ev.VouchersMinted):
+        key = CityYear(event.data.city, event.data.year, event.data.program)
+        return [(v.voucher_id, key) for v in event.data.vouchers]
+    home = voucher_home(event)
+    return [] if home is None else [home]
+
+
 def voucher_home(event: ev.Event) -> tuple[str, CityYear] | None:
     """(voucher_id, its city, year and program) for any voucher event: scopes voucher: and hold: accounts to a
-    city. (BudgetCarried names the voucher it carried from, but concerns the budget of the next year: no home.)"""
-    if isinstance(event, ev.BudgetCarried):
+    city. (BudgetCarried names the voucher it carried from, but concerns the budget of the next year: no home;
+    VouchersMinted names many: `voucher_homes`.)"""
+    if isinstance(event, (ev.BudgetCarried, ev.VouchersMinted)):
         return None
     data = event.data
     voucher_id = getattr(data, "voucher_id", None)
@@ -354,7 +381,7 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
     Invariants: indexes are contiguous from `size`; an event id is journaled at most once (`journaled` holds the ids
     the log already has; it is not changed); every entry balances, and so does the batch's sum over accounts.
 
-    Speed: the events of the load (VoucherMinted, VoucherRedeemed) take a fast path that makes exactly what
+    Speed: the events of the load (VoucherMinted, VouchersMinted, VoucherRedeemed) take a fast path that makes exactly what
     `journal_entry`, `report_delta` and `voucher_home` make for them (tests/test_domain_ledger.py compares the two),
     without their per-event regexes: the names are built by the chart's functions from ids and years the event
     schema validated when the consumer decoded them, and the leaf is written by `_fast_leaf`, which checks that no
@@ -373,7 +400,7 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
     occurred: dict[dt.datetime, str] = {}        # occurred_at -> its leaf form (a batch shares few instants)
     duplicates = 0
     index = size
-    minted_type, redeemed_type = ev.VoucherMinted, ev.VoucherRedeemed
+    minted_type, redeemed_type, batch_type = ev.VoucherMinted, ev.VoucherRedeemed, ev.VouchersMinted
     for position, event in enumerate(events):
         event_id = event.event_id
         if event_id in seen:
@@ -427,6 +454,49 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
                     if d.voucher_id not in homes:
                         homes[d.voucher_id] = key
                     continue
+        elif kind is batch_type:
+            d = event.data
+            amount = d.amount
+            if type(amount) is int and 0 < amount <= BIGINT_MAX and amount == sum(v.amount for v in d.vouchers):
+                raw_key = (d.city, d.year, d.program)
+                key = city_years.get(raw_key)
+                if key is None:
+                    key = city_years[raw_key] = CityYear(*raw_key)
+                debit_name = budget_names.get(key)
+                if debit_name is None:
+                    debit_name = budget_names[key] = budget(*key)
+                at = occurred.get(event.occurred_at)
+                if at is None:
+                    at = occurred[event.occurred_at] = format_occurred_at(event.occurred_at)
+                credits = [("voucher:" + v.voucher_id, v.amount) for v in d.vouchers]
+                leaf = _fast_batch_leaf(index, event_id, at, debit_name, amount, credits)
+                if leaf is not None and len({name for name, _ in credits}) == len(credits):
+                    entries.append(JournalEntry(
+                        index=index, event_id=event_id, type="VouchersMinted", occurred_at=event.occurred_at,
+                        postings=[Posting(account=debit_name, debit=amount, credit=0),
+                                  *[Posting(account=name, debit=0, credit=credit) for name, credit in credits]],
+                        leaf=leaf))
+                    index += 1
+                    total = accounts.get(debit_name)
+                    if total is None:
+                        accounts[debit_name] = [amount, 0]
+                    else:
+                        total[0] += amount
+                    for name, credit in credits:  # each voucher's account is new to the batch (named once)
+                        total = accounts.get(name)
+                        if total is None:
+                            accounts[name] = [0, credit]
+                        else:
+                            total[1] += credit
+                    total = reports.get(key)
+                    if total is None:
+                        total = reports[key] = [0] * len(ReportDelta._fields)
+                    total[_ISSUED] += amount
+                    total[_OUTSTANDING] += amount
+                    for v in d.vouchers:
+                        if v.voucher_id not in homes:
+                            homes[v.voucher_id] = key
+                    continue
         try:
             entry = journal_entry(index, event)
         except InvalidEvent as exc:
@@ -448,7 +518,7 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
             else:
                 for field, amount in enumerate(delta):
                     total[field] += amount
-        if (home := voucher_home(event)) is not None:
+        for home in voucher_homes(event):
             homes.setdefault(*home)
 
     assert index == size + len(entries) and (not entries or entries[-1].index == index - 1)
@@ -558,6 +628,22 @@ def _fast_leaf(index: int, event_id: str, type_: str, occurred_at: str, debit_ac
             f'{{"account":"{debit_account}","credit":0,"debit":{amount}}},'
             f'{{"account":"{credit_account}","credit":{amount},"debit":0}}],"type":"{type_}"}}')
     if text.isprintable() and "\\" not in text and text.count('"') == _FAST_LEAF_QUOTES and index >= 0:
+        return LEAF_V1_PREFIX + text.encode()
+    return None
+
+
+def _fast_batch_leaf(index: int, event_id: str, occurred_at: str, debit_account: str, amount: int,
+                     credits: list[tuple[str, int]]) -> bytes | None:
+    """`leaf_v1` of a VouchersMinted entry (`amount` from `debit_account`, then each (account, credit) of
+    `credits`), written by joining formatted parts; None when a field holds a character JSON would escape. The same
+    argument as `_fast_leaf`'s: for such fields these are msgspec's bytes (tests/test_domain_ledger.py compares)."""
+    text = "".join((
+        f'{{"event_id":"{event_id}","index":{index},"occurred_at":"{occurred_at}","postings":['
+        f'{{"account":"{debit_account}","credit":0,"debit":{amount}}}',
+        *[f',{{"account":"{name}","credit":{credit},"debit":0}}' for name, credit in credits],
+        '],"type":"VouchersMinted"}'))
+    quotes = 2 * (5 + 3) + 2 * (3 + 1) * (1 + len(credits))
+    if text.isprintable() and "\\" not in text and text.count('"') == quotes and index >= 0:
         return LEAF_V1_PREFIX + text.encode()
     return None
 

@@ -50,9 +50,10 @@ from .store import (
     GET_VOUCHER_SQL, HOLD_VOUCHER_SQL, INSERT_HOLD_SQL, INSERT_REDEMPTION_SQL,
     INSERT_REFUND_SQL, INSERT_VOUCHERS_SQL, LOCK_DUE_VOUCHERS_SQL, LOCK_HOLD_SQL, LOCK_OPEN_HOLDS_SQL,
     LOCK_REDEMPTION_SQL, LOCK_SPEND_VOUCHERS_SQL, LOCK_TIMED_OUT_HOLDS_SQL, LOCK_VOUCHER_SQL,
-    LOCK_VOUCHERS_SKIP_LOCKED_SQL, LOCK_VOUCHERS_SQL, REASSIGN_INVOICES_SQL,
+    LOCK_VOUCHERS_SKIP_LOCKED_SQL, LOCK_VOUCHERS_SQL, PARK_REVOCATION_SQL, REASSIGN_INVOICES_SQL,
     REFUND_REDEMPTION_SQL, REFUND_VOUCHER_SQL, RELEASE_INVOICES_SQL, RESERVE_SQL, SETTLE_HELD_SQL,
-    STATEMENT_REDEMPTIONS_SQL, STATEMENT_REFUNDS_SQL, STATEMENT_TOTALS_SQL, UNCLAIM_INVOICES_SQL,
+    STATEMENT_REDEMPTIONS_SQL, STATEMENT_REFUNDS_SQL, STATEMENT_TOTALS_SQL, TAKE_EARLY_REVOCATIONS_SQL,
+    TAKE_SETTLEABLE_REVOCATIONS_SQL, UNCLAIM_INVOICES_SQL,
     UPSERT_POLICIES_SQL, UPSERT_PROVIDERS_SQL, VOID_HOLDS_SQL, WRITE_REDEMPTIONS_SQL,
 )
 
@@ -615,7 +616,8 @@ async def refund(svc: Service, key: idempotency.Key | None, redemption_id: str, 
 # --- consumed: the issuing topic -------------------------------------------------------------------------------------
 
 # The issuing events `apply_issuing_events` acts on; the consumer neither records nor hands over the others.
-ISSUING_EVENTS_APPLIED: Final = (ev.VoucherMinted, ev.ProviderSet, ev.BudgetSet, ev.VoucherRevoked)
+ISSUING_EVENTS_APPLIED: Final = (ev.VoucherMinted, ev.VouchersMinted, ev.ProviderSet, ev.BudgetSet, ev.VoucherRevoked)
+_revoked_decoder: Final = msgspec.json.Decoder(ev.VoucherRevoked)
 
 
 @dataclass
@@ -624,7 +626,7 @@ class IssuingBatch:
 
     frozen: list[tuple[str, int]] = dataclasses.field(default_factory=list)        # (city, returned) per voucher
     holds_voided: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (city, amount) per hold
-    unknown_revocations: list[str] = dataclasses.field(default_factory=list)
+    parked_revocations: list[str] = dataclasses.field(default_factory=list)  # revoked before their mint was seen
 
 
 async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Delivered], *, topic: str,
@@ -633,19 +635,30 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
     policies set, and revocations, which freeze their voucher here (the saga's middle step).
 
     Written as one multi-row statement per kind, in key order so that concurrent writers lock rows in one order.
-    Mints are written before revocations: a voucher's VoucherRevoked always follows its VoucherMinted (same key,
-    same partition), possibly in the same batch. Other issuing events are not needed here (the consumer hands over
-    only ISSUING_EVENTS_APPLIED).
+    Mints are written before revocations. A single mint's VoucherRevoked follows its VoucherMinted (same key, same
+    partition), possibly in the same batch; a batch-minted voucher's VouchersMinted is keyed by city, so its
+    revocation may come first: it is then parked (early_revocations) and applied as soon as the mint is written
+    here, or by the sweeper (`settle_early_revocations`) when the mint was written by a concurrent transaction.
+    Other issuing events are not needed here (the consumer hands over only ISSUING_EVENTS_APPLIED).
     """
     assert conn.is_in_transaction()
-    minted: dict[str, ev.VoucherMintedData] = {}
+    minted: dict[str, tuple] = {}  # voucher id -> its INSERT_VOUCHERS_SQL columns
     whitelists: dict[str, ev.ProviderSet] = {}
     policies: dict[tuple[str, str, int], ev.BudgetSet] = {}  # by (city, program, year)
     revocations: dict[str, ev.VoucherRevoked] = {}
     for d in delivered:
         match d.event:
-            case ev.VoucherMinted(data=data):
-                minted.setdefault(data.voucher_id, data)
+            case ev.VoucherMinted(data=m):
+                if m.voucher_id not in minted:
+                    minted[m.voucher_id] = (m.voucher_id, m.city, m.year, m.beneficiary, m.kind, m.amount,
+                                            m.subsidy_ratio_bp, store.joined(m.providers), m.expires_at,
+                                            m.created_at, m.year_end, m.program)
+            case ev.VouchersMinted(data=b):
+                for m in b.vouchers:
+                    if m.voucher_id not in minted:
+                        minted[m.voucher_id] = (m.voucher_id, b.city, b.year, m.beneficiary, m.kind, m.amount,
+                                                m.subsidy_ratio_bp, store.joined(m.providers), m.expires_at,
+                                                b.created_at, b.year_end, b.program)
             case ev.ProviderSet(data=data) as event:
                 # Same key, same partition: delivery order is publication order; occurred_at decides otherwise.
                 latest = whitelists.get(data.provider)
@@ -661,13 +674,12 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
             case _:
                 pass
     if minted:
-        rows = [minted[k] for k in sorted(minted)]
-        await conn.execute(
-            INSERT_VOUCHERS_SQL, [m.voucher_id for m in rows], [m.city for m in rows], [m.year for m in rows],
-            [m.beneficiary for m in rows], [m.kind for m in rows], [m.amount for m in rows],
-            [m.subsidy_ratio_bp for m in rows], [store.joined(m.providers) for m in rows],
-            [m.expires_at for m in rows], [m.created_at for m in rows], [m.year_end for m in rows],
-            [m.program for m in rows])
+        ids = sorted(minted)
+        await conn.execute(INSERT_VOUCHERS_SQL, *(list(c) for c in zip(*(minted[k] for k in ids))))
+        # Revocations that came before these mints: applied now, after the mints, like any other.
+        for raw in await conn.fetch(TAKE_EARLY_REVOCATIONS_SQL, ids):
+            early = _revoked_decoder.decode(raw["event"])
+            revocations.setdefault(early.data.voucher_id, early)
     if whitelists:
         sets = [whitelists[k] for k in sorted(whitelists)]
         await conn.execute(
@@ -692,9 +704,10 @@ async def apply_issuing_events(conn: asyncpg.Connection, delivered: list[Deliver
     for city, amount in batch.holds_voided:
         rule_metrics.holds.labels(city, "revoked").inc()
         rule_metrics.hold_amount.labels(city, "released").inc(amount)
-    for voucher_id in batch.unknown_revocations:
-        rule_metrics.unknown_revocations.inc()
-        log.error("revocation of a voucher never minted here; skipped", extra={"voucher_id": voucher_id})
+    for voucher_id in batch.parked_revocations:
+        rule_metrics.early_revocations.inc()
+        log.info("revocation of a voucher whose mint is not here yet; parked until it is",
+                 extra={"voucher_id": voucher_id})
     if batch.frozen:
         wake_relay()  # before the commit: the relay's next poll (OUTBOX_IDLE_POLL_S) publishes at the latest
     return batch
@@ -710,8 +723,9 @@ async def _freeze(conn: asyncpg.Connection, revoked: ev.VoucherRevoked, *, topic
     """
     d = revoked.data
     row = await conn.fetchrow(LOCK_VOUCHER_SQL, d.voucher_id, None)
-    if row is None:  # cannot happen while mints precede revocations on the topic; never block the consumer on it
-        batch.unknown_revocations.append(d.voucher_id)
+    if row is None:  # a batch-minted voucher's mint travels on another partition and is not here yet: park it
+        await conn.execute(PARK_REVOCATION_SQL, d.voucher_id, _encoder.encode(revoked))
+        batch.parked_revocations.append(d.voucher_id)
         return
     voucher = store.voucher_state(row)
     if voucher.status == "revoked":
@@ -770,6 +784,35 @@ async def void_timed_out_holds(svc: Service, now: dt.datetime) -> Swept:
         rule_metrics.hold_amount.labels(city, "released").inc(amount)
     if swept.holds:
         svc.wake_relay()
+    return swept
+
+
+async def settle_early_revocations(svc: Service, now: dt.datetime) -> Swept:
+    """Freeze the vouchers whose revocation was parked (it came before the mint) and whose mint has since been
+    written by a transaction that could not see the parked row (a concurrent consumer batch): up to SWEEP_BATCH_MAX,
+    in one transaction, as the consumer would have. An empty table costs one index probe."""
+    swept = Swept()
+    async with svc.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(TAKE_SETTLEABLE_REVOCATIONS_SQL, SWEEP_BATCH_MAX)
+        swept.candidates = len(rows)
+        if not rows:
+            return swept
+        revocations = {r.data.voucher_id: r for r in (_revoked_decoder.decode(row["event"]) for row in rows)}
+        await conn.fetch(LOCK_VOUCHERS_SQL, sorted(revocations))
+        out: list = []
+        batch = IssuingBatch()
+        for voucher_id in sorted(revocations):
+            await _freeze(conn, revocations[voucher_id], topic=svc.topic, now=now, out=out, batch=batch)
+        assert not batch.parked_revocations, "a settleable revocation's voucher is written"
+        await outbox.append(conn, out)
+    for city, returned in batch.frozen:
+        rule_metrics.vouchers_frozen.labels(city).inc()
+        rule_metrics.amount_frozen.labels(city).inc(returned)
+        swept.vouchers.append((city, "revoked", returned))
+    for city, amount in batch.holds_voided:
+        rule_metrics.holds.labels(city, "revoked").inc()
+        rule_metrics.hold_amount.labels(city, "released").inc(amount)
+    svc.wake_relay()
     return swept
 
 

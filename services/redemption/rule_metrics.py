@@ -21,10 +21,11 @@ sweep_duration = Histogram("cvl_sweep_duration_seconds", "Duration of one sweepe
                            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0))
 # Every sweeper's outcomes exist from the start (at 0), so that the first failure is an increase an alert sees
 # (sweeper names as in sweeper.start).
-for _sweeper in ("holds", "expiry"):
+for _sweeper in ("holds", "expiry", "early-revocations"):
     for _outcome in ("ok", "failed"):
         sweeps.labels(_sweeper, _outcome)
-unknown_revocations = Counter("cvl_redemption_unknown_revocations_total",
-                              "Revocations of a voucher whose mint was never consumed here (skipped)")
+early_revocations = Counter("cvl_redemption_early_revocations_total",
+                            "Revocations consumed before their voucher's mint (a batch mint travels on another "
+                            "partition): parked until the mint is written")
 redemption_batch_size = Histogram("cvl_redemption_batch_commands", "Redemption commands per writer transaction",
                                   buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

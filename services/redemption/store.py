@@ -33,6 +33,18 @@ FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigin
             $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[])
      AS v(id, city, year, beneficiary, kind, amount, ratio, providers, expires_at, minted_at, year_end, program)
 ON CONFLICT (voucher_id) DO NOTHING"""
+# A revocation consumed before its voucher's mint (commands._freeze), kept until the mint is written.
+PARK_REVOCATION_SQL: Final = """
+INSERT INTO early_revocations (voucher_id, event) VALUES ($1, $2) ON CONFLICT (voucher_id) DO NOTHING"""
+# The parked revocations of vouchers a consumer batch just minted (in its transaction) ...
+TAKE_EARLY_REVOCATIONS_SQL: Final = """
+DELETE FROM early_revocations WHERE voucher_id = ANY($1::uuid[]) RETURNING event"""
+# ... and those whose mint another transaction wrote meanwhile (the sweeper; SKIP LOCKED: replicas split the work).
+TAKE_SETTLEABLE_REVOCATIONS_SQL: Final = """
+DELETE FROM early_revocations e WHERE e.voucher_id IN (
+    SELECT r.voucher_id FROM early_revocations r JOIN vouchers v USING (voucher_id)
+    ORDER BY r.voucher_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED)
+RETURNING e.event"""
 UPSERT_PROVIDERS_SQL: Final = """
 INSERT INTO providers AS p (provider, name, cities, set_at)
 SELECT k.provider, k.name, string_to_array(k.cities, ','), k.set_at

@@ -1,4 +1,5 @@
-"""Background sweepers of each redemption process: holds past their timeout, then vouchers past their expiry.
+"""Background sweepers of each redemption process: holds past their timeout, vouchers past their expiry, and
+revocations parked before their voucher's mint whose mint has since been written.
 
 Correct with any number of replicas and across restarts: all state is in PostgreSQL, each round is one transaction
 that locks its vouchers with SKIP LOCKED (replicas split the work, never wait on each other or on a request), and
@@ -12,7 +13,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from schemas.limits import EXPIRY_SWEEP_INTERVAL_S, HOLD_SWEEP_INTERVAL_S, SWEEP_BATCH_MAX, SWEEP_RETRY_S
+from schemas.limits import (
+    EARLY_REVOCATION_SWEEP_INTERVAL_S, EXPIRY_SWEEP_INTERVAL_S, HOLD_SWEEP_INTERVAL_S, SWEEP_BATCH_MAX, SWEEP_RETRY_S,
+)
 
 from services.common import outbox
 
@@ -52,4 +55,6 @@ def start(svc: commands.Service) -> list[asyncio.Task]:
                             name="hold-sweeper"),
         asyncio.create_task(_sweep("expiry", EXPIRY_SWEEP_INTERVAL_S, commands.expire_vouchers, svc),
                             name="expiry-sweeper"),
+        asyncio.create_task(_sweep("early-revocations", EARLY_REVOCATION_SWEEP_INTERVAL_S,
+                                   commands.settle_early_revocations, svc), name="early-revocation-sweeper"),
     ]
