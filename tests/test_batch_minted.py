@@ -75,6 +75,11 @@ async def test_a_batch_is_a_few_events_and_entries_and_each_of_its_vouchers_is_r
     assert (rep["issued"], rep["outstanding"]) == (sum(amounts), sum(amounts) - 40)
     r = await api.call("GET", f"{w.ledger}/v1/accounts/voucher:{ids[3]}", token=w.auditor)
     assert (r.body["credits"], r.body["debits"], r.body["balance"]) == (amounts[3], 40, amounts[3] - 40)
+    # A voucher's account belongs to its city: an auditor of that city reads it, one of another city may not.
+    r = await api.call("GET", f"{w.ledger}/v1/accounts/voucher:{ids[3]}", token=stack.token("auditor", city=w.city))
+    assert r.status == 200 and r.body["balance"] == amounts[3] - 40
+    r = await api.call("GET", f"{w.ledger}/v1/accounts/voucher:{ids[3]}", token=stack.token("auditor", city="elsewhere"))
+    assert (r.status, r.body["code"]) == (403, "forbidden")
     r = await api.call("GET", f"{w.ledger}/v1/accounts/budget:{w.city}:{w.year}", token=w.auditor)
     assert r.body["balance"] == 10_000_000 - sum(amounts)
     tb = (await api.call("GET", f"{w.ledger}/v1/trial-balance", token=w.auditor)).body
@@ -212,3 +217,34 @@ async def test_a_mint_written_beside_a_parking_revocation_is_frozen_by_the_sweep
         "revoked", 0)
     assert (await commands.settle_early_revocations(svc, T0)).candidates == 0  # nothing left, nothing twice
     assert collections.Counter((await _frozen(pool)).values()) == {700: 1}
+
+
+async def test_ledger_voucher_homes_move_onto_their_accounts(tmp_path: Path):
+    """008_voucher_homes_in_accounts.sql: a ledger written before it keeps every voucher's home, now on the
+    voucher: and hold: accounts' rows (the voucher table it replaces is gone)."""
+    from services.ledger import commands as ledger_commands
+    ledger_migrations = Path(ledger_commands.__file__).parent / "migrations"
+    old = tmp_path / "ledger" / "migrations"
+    old.mkdir(parents=True)
+    for f in sorted(ledger_migrations.glob("*.sql")):
+        if f.name < "008":
+            old.joinpath(f.name).write_text(f.read_text())
+    async with scratch_database("cvl_homes") as dsn:
+        settings = Settings(service="ledger", port=0, pg_dsn=dsn, kafka_bootstrap="unused", topic_issuing="unused",
+                            topic_redemption="unused", group_prefix="unused", run_dir=tmp_path, pg_pool_max=2)
+        p = await db.create_pool(settings, "ledger")
+        try:
+            await db.migrate(p, "ledger", old)
+            vid = str(uuid.uuid4())
+            await p.execute("INSERT INTO vouchers (voucher_id, city, year, program) VALUES ($1, 'wuxi', 2026, 'model')",
+                            vid)
+            await p.execute("INSERT INTO accounts (account, debits, credits) VALUES ($1, 0, 9), ($2, 0, 3), "
+                            "('provider:gpu', 0, 5)", f"voucher:{vid}", f"hold:{vid}")
+            await db.migrate(p, "ledger", ledger_migrations)
+            rows = {r["account"]: (r["city"], r["year"], r["program"]) for r in await p.fetch(
+                "SELECT account, city, year, program FROM accounts")}
+            assert rows == {f"voucher:{vid}": ("wuxi", 2026, "model"), f"hold:{vid}": ("wuxi", 2026, "model"),
+                            "provider:gpu": (None, None, None)}
+            assert await p.fetchval("SELECT to_regclass('vouchers')") is None
+        finally:
+            await p.close()

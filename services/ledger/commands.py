@@ -60,12 +60,14 @@ async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> Journaled
     names = sorted(decided.accounts)
     keys = sorted(decided.reports)
     report_columns = [list(c) for c in zip(*(decided.reports[k] for k in keys))] or [[]] * len(domain.ReportDelta._fields)
-    ids = sorted(decided.homes)
-    homes = [decided.homes[i] for i in ids]
+    # A voucher: or hold: account's home: the (city, year, program) of its voucher (None for the other accounts).
+    homes = decided.homes
+    account_homes = [homes.get(n[n.index(":") + 1:]) if n[0] in "vh" else None for n in names]
     args = [size, new_size,
             names, [decided.accounts[n].debits for n in names], [decided.accounts[n].credits for n in names],
             [k.city for k in keys], [k.year for k in keys], [k.program for k in keys], *report_columns,
-            ids, [h.city for h in homes], [h.year for h in homes], [h.program for h in homes],
+            [h and h.city for h in account_homes], [h and h.year for h in account_homes],
+            [h and h.program for h in account_homes],
             [t.level for t in tiles], [t.index for t in tiles], [t.hashes for t in tiles]]
     journal_rows = [(e.index, e.event_id, e.type, e.occurred_at, e.leaf) for e in entries]
     posting_rows = [(e.index, seq, p.account, p.debit, p.credit) for e in entries for seq, p in enumerate(e.postings)]

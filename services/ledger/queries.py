@@ -115,8 +115,8 @@ async def account(pool: asyncpg.Pool, name: str) -> Account:
 
 async def voucher_city(pool: asyncpg.Pool, account_name: str, voucher_id: str) -> str:
     """The city of the voucher a voucher: or hold: account belongs to (NotFound before the account moved)."""
-    home = await pool.fetchrow(store.VOUCHER_HOME_SQL, voucher_id)
-    if home is None:
+    home = await pool.fetchrow(store.VOUCHER_HOME_SQL, account_name)
+    if home is None or home["city"] is None:
         raise NotFound(f"account {account_name} has never moved")
     return home["city"]
 

@@ -29,18 +29,22 @@ POSTINGS_TABLE: Final = "postings"
 POSTINGS_COLUMNS: Final = ("entry_index", "seq", "account", "debit", "credit")
 # One statement, one round trip, for what a batch adds: account totals summed per batch (one row per account,
 # upserted in account order, so that two writers could never wait on each other's rows in a cycle; the log_head
-# lock already serialises appends), city reports (columns in the order of domain.CityYear, then
-# domain.ReportDelta), voucher homes, the Merkle tiles the batch changed, and the log head. A tile only ever grows:
+# lock already serialises appends), with the home (city, year, program) of a voucher: or hold: account, kept on
+# its row from the first event that moved it (no row of its own per voucher); city reports (columns in the order of
+# domain.CityYear, then domain.ReportDelta), the Merkle tiles the batch changed, and the log head. A tile only ever grows:
 # an existing one is replaced only by a longer one that starts with it, so a full tile never changes; `tiles`
 # counts the tiles written, and fewer than given means a stored tile disagreed (the caller fails the batch).
 _WRITE_SQL: Final = """
 WITH {entries}
-a AS (INSERT INTO accounts AS a (account, debits, credits)
-      SELECT u.account, u.debits, u.credits
-      FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS u(account, debits, credits)
+a AS (INSERT INTO accounts AS a (account, debits, credits, city, year, program)
+      SELECT u.account, u.debits, u.credits, u.city, u.year, u.program
+      FROM unnest($3::text[], $4::bigint[], $5::bigint[], $18::text[], $19::int[], $20::text[])
+          AS u(account, debits, credits, city, year, program)
       ORDER BY u.account
       ON CONFLICT (account) DO UPDATE
-          SET debits = a.debits + EXCLUDED.debits, credits = a.credits + EXCLUDED.credits, updated_at = now()),
+          SET debits = a.debits + EXCLUDED.debits, credits = a.credits + EXCLUDED.credits, updated_at = now(),
+              city = coalesce(a.city, EXCLUDED.city), year = coalesce(a.year, EXCLUDED.year),
+              program = coalesce(a.program, EXCLUDED.program)),
 r AS (INSERT INTO city_reports AS r (city, year, program, budget, issued, redeemed, refunded, revoked, expired,
                                      outstanding, carried_in, carried_out)
       SELECT u.* FROM unnest($6::text[], $7::int[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[],
@@ -55,11 +59,8 @@ r AS (INSERT INTO city_reports AS r (city, year, program, budget, issued, redeem
           revoked = r.revoked + EXCLUDED.revoked, expired = r.expired + EXCLUDED.expired,
           outstanding = r.outstanding + EXCLUDED.outstanding, carried_in = r.carried_in + EXCLUDED.carried_in,
           carried_out = r.carried_out + EXCLUDED.carried_out),
-v AS (INSERT INTO vouchers (voucher_id, city, year, program)
-      SELECT * FROM unnest($18::uuid[], $19::text[], $20::int[], $21::text[])
-      ON CONFLICT (voucher_id) DO NOTHING),
 t AS (INSERT INTO merkle_tiles AS m (level, index, hashes)
-      SELECT * FROM unnest($22::smallint[], $23::bigint[], $24::bytea[])
+      SELECT * FROM unnest($21::smallint[], $22::bigint[], $23::bytea[])
       ON CONFLICT (level, index) DO UPDATE SET hashes = EXCLUDED.hashes
           WHERE length(EXCLUDED.hashes) > length(m.hashes)
             AND substring(EXCLUDED.hashes FROM 1 FOR length(m.hashes)) = m.hashes
@@ -69,9 +70,9 @@ SELECT (SELECT size FROM h) AS size, (SELECT count(*) FROM t) AS tiles"""
 WRITE_SQL: Final = _WRITE_SQL.format(entries="")
 WRITE_WITH_ENTRIES_SQL: Final = _WRITE_SQL.format(entries="""
 j AS (INSERT INTO journal (index, event_id, type, occurred_at, leaf)
-      SELECT * FROM unnest($25::bigint[], $26::uuid[], $27::text[], $28::timestamptz[], $29::bytea[])),
+      SELECT * FROM unnest($24::bigint[], $25::uuid[], $26::text[], $27::timestamptz[], $28::bytea[])),
 p AS (INSERT INTO postings (entry_index, seq, account, debit, credit)
-      SELECT * FROM unnest($30::bigint[], $31::int[], $32::text[], $33::bigint[], $34::bigint[])),""")
+      SELECT * FROM unnest($29::bigint[], $30::int[], $31::text[], $32::bigint[], $33::bigint[])),""")
 
 # --- the Merkle tree and its checkpoints (commands.sign_checkpoint, queries) ------------------------------------------
 
@@ -100,7 +101,8 @@ FROM log_head h LEFT JOIN LATERAL (
 
 HEAD_SQL: Final = "SELECT size FROM log_head"
 GET_ACCOUNT_SQL: Final = "SELECT account, debits, credits FROM accounts WHERE account = $1"
-VOUCHER_HOME_SQL: Final = "SELECT city, year FROM vouchers WHERE voucher_id = $1"
+# The home of a voucher: or hold: account ($1: its name), kept on its row.
+VOUCHER_HOME_SQL: Final = "SELECT city, year FROM accounts WHERE account = $1"
 # One statement, so the counters and the three account balances come from one snapshot.
 GET_REPORT_SQL: Final = """
 SELECT r.city, r.year, r.program, r.budget, r.issued, r.redeemed, r.refunded, r.revoked, r.expired, r.outstanding,
