@@ -248,3 +248,32 @@ async def test_ledger_voucher_homes_move_onto_their_accounts(tmp_path: Path):
             assert await p.fetchval("SELECT to_regclass('vouchers')") is None
         finally:
             await p.close()
+
+
+async def test_a_consumer_applies_a_fetch_of_batch_mints_in_transactions_of_bounded_weight(pool, tmp_path: Path):
+    """A fetch holding many VouchersMinted events is applied in several transactions, each weighing at most
+    CONSUMER_TRANSACTION_WEIGHT_MAX vouchers (or one event), in delivery order, every event once."""
+    from types import SimpleNamespace
+    from schemas.limits import CONSUMER_TRANSACTION_WEIGHT_MAX
+    from services.common.consumer import Consumer, event_weight
+
+    events = [_batch(*[1] * VOUCHERS_PER_EVENT_MAX) for _ in range(3 * CONSUMER_TRANSACTION_WEIGHT_MAX
+                                                                   // VOUCHERS_PER_EVENT_MAX)]
+    events.insert(5, _revoked(str(uuid.uuid4())))
+    records = [SimpleNamespace(topic=TOPIC_ISSUING, partition=0, offset=i, value=ev.encode_event(e))
+               for i, e in enumerate(events)]
+    parts: list[list[str]] = []
+
+    async def handler(conn, delivered):
+        assert conn.is_in_transaction()
+        parts.append([d.event.event_id for d in delivered])
+    settings = Settings(service="redemption", port=0, pg_dsn="unused", kafka_bootstrap="unused",
+                        topic_issuing=TOPIC_ISSUING, topic_redemption=TOPIC_REDEMPTION, group_prefix="test",
+                        run_dir=tmp_path)
+    consumer = Consumer(settings, pool, topics=[TOPIC_ISSUING], group="weights", handler=handler, claim=False)
+    await consumer._apply(records)  # noqa: SLF001 (the poll loop around it needs a broker)
+    by_id = {e.event_id: e for e in events}
+    assert [i for p in parts for i in p] == [e.event_id for e in events]
+    assert len(parts) >= 3
+    for p in parts:
+        assert sum(event_weight(by_id[i]) for i in p) <= CONSUMER_TRANSACTION_WEIGHT_MAX or len(p) == 1

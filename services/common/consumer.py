@@ -20,12 +20,12 @@ import msgspec
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError
 
-from schemas.events import Event, decode_event
+from schemas.events import Event, VouchersMinted, decode_event
 
 from . import metrics
 from .settings import Settings
 from schemas.limits import (
-    CONSUMER_BATCH_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
+    CONSUMER_BATCH_MAX, CONSUMER_TRANSACTION_WEIGHT_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
     CONSUMER_RESTART_DELAY_S, CONSUMER_STALLED_LAG_TIMEOUT_S, KAFKA_REQUEST_TIMEOUT_MS,
 )
 
@@ -39,6 +39,11 @@ RETURNING event_id::text"""
 DEAD_LETTER_SQL: Final = """
 INSERT INTO dead_letters (topic, partition, "offset", payload, error) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT DO NOTHING"""
+
+
+def event_weight(event: Event) -> int:
+    """How much work an event is for a consumer: a batch mint's VouchersMinted, one unit per voucher; any other, 1."""
+    return len(event.data.vouchers) if type(event) is VouchersMinted else 1
 
 
 class Delivered(msgspec.Struct, frozen=True):
@@ -165,6 +170,21 @@ class Consumer:
                 delivered.append(Delivered(r.topic, r.partition, r.offset, event))
         if not delivered and not dead:
             return  # nothing to apply or keep: no transaction
+        # One transaction per CONSUMER_TRANSACTION_WEIGHT_MAX of work (a batch mint's event weighs its vouchers), so
+        # that an event behind a fetch of batch mints waits for a bounded transaction, not for all of them. The
+        # offsets are committed once every part is (a crash in between redelivers what the next parts skip).
+        part: list[Delivered] = []
+        weight = 0
+        for d in delivered:
+            w = event_weight(d.event)
+            if part and weight + w > CONSUMER_TRANSACTION_WEIGHT_MAX:
+                await self._apply_part(part, dead)
+                part, weight, dead = [], 0, []
+            part.append(d)
+            weight += w
+        await self._apply_part(part, dead)
+
+    async def _apply_part(self, delivered: list[Delivered], dead: list[tuple]) -> None:
         todo: list[Delivered] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for row in dead:
