@@ -141,6 +141,15 @@ PAGE_CACHE_S: Final = 1.0                  # the auditor's page is rendered at m
 NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
 LOG_NAME_LENGTH_MAX: Final = 255           # the log's origin, which is also its signing key's name
 
+# --- queries with cursor pagination (CONTRACT.md, "Second release" -> "Queries") ----------------------------------
+QUERY_LIMIT_MAX: Final = 1000              # rows (entries, vouchers, redemptions) one page of a query returns at most
+QUERY_LIMIT_DEFAULT: Final = 100
+CURSOR_LENGTH_MAX: Final = 512             # an opaque cursor (base64 of its position and a 16-byte MAC) ~ 100 chars
+# Postings of one account one page of GET /v1/accounts/{a}/entries reads at most when from/to filter them: a page
+# stays bounded however few of an account's entries fall in the period (it may then come back short, or empty,
+# with a next_cursor to go on from).
+ACCOUNT_ENTRIES_SCAN_MAX: Final = 20_000
+
 # --- the CLI ---------------------------------------------------------------------------------------------------------
 CLI_HTTP_TIMEOUT_S: Final = 30.0
 DEMO_TOKEN_TTL_S: Final = 30 * 24 * 3600

@@ -28,14 +28,17 @@ from msgspec import Meta
 from prometheus_client import Counter, Gauge
 
 from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, Year
-from schemas.ledger import Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance
+from schemas.ledger import (
+    Account, AccountAt, AccountEntries, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
+)
 from schemas.limits import (
-    BIGINT_MAX, BUDGET_GAUGES_MAX, BUDGET_GAUGES_REFRESH_S, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT,
+    ACCOUNT_ENTRIES_SCAN_MAX, BIGINT_MAX, BUDGET_GAUGES_MAX, BUDGET_GAUGES_REFRESH_S, CHECKPOINT_INTERVAL_S,
+    CHECKPOINTS_LIMIT_DEFAULT,
     CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
     ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_CACHE_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
-from services.common import db, http, kafka, metrics, tasks
+from services.common import db, http, kafka, metrics, paging, tasks
 from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import Forbidden, ValidationFailed
@@ -243,9 +246,44 @@ async def get_account(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "admin", "auditor")
     name = param(request, "account", domain.AccountName)
+    tree_size = param(request, "tree_size", TreeSize, query=True, default=None)
     pool = request.app[POOL]
     await _require_account_scope(pool, who, name)
+    if tree_size is not None:
+        return await _account_at(pool, name, tree_size)
     return json_response(await queries.account(pool, name))
+
+
+async def _account_at(pool: asyncpg.Pool, name: str, tree_size: int) -> web.Response:
+    """The balance over the first tree_size entries; a size beyond the journal is 422 (it names no tree yet)."""
+    totals = await queries.account_at(pool, name, tree_size)
+    if totals is None:
+        raise ValidationFailed(f"parameter tree_size: {tree_size} is beyond the journal's size", field="tree_size")
+    debits, credits = totals
+    return json_response(AccountAt(account=name, debits=debits, credits=credits, balance=credits - debits,
+                                   tree_size=tree_size))
+
+
+ACCOUNT_ENTRIES_QUERY: Final = "ledger.account_entries"
+
+
+async def list_account_entries(request: web.Request) -> web.Response:
+    """Entries touching an account, oldest first, in pages (`cursor`), optionally within [from, to) by occurred_at.
+    Scopes as GET /v1/accounts/{account}: a city-scoped auditor sees its city's accounts only."""
+    who = principal(request)
+    require(who, "admin", "auditor")
+    name = param(request, "account", domain.AccountName)
+    start, end = paging.period(request)
+    limit = paging.limit(request)
+    pool = request.app[POOL]
+    filters = {"account": name, "from": start, "to": end}
+    pos = await paging.position(request, pool, ACCOUNT_ENTRIES_QUERY, filters)
+    after = paging.check_position(pos, int)[0] if pos is not None else -1
+    await _require_account_scope(pool, who, name)
+    page_ = await queries.account_entries(pool, name, after, start, end, limit, ACCOUNT_ENTRIES_SCAN_MAX)
+    cursor = await paging.next_cursor(pool, ACCOUNT_ENTRIES_QUERY, filters,
+                                      None if page_.last is None else [page_.last])
+    return json_response(AccountEntries(account=name, entries=page_.entries, next_cursor=cursor))
 
 
 async def get_city_report(request: web.Request) -> web.Response:
@@ -320,8 +358,14 @@ async def auditor_page(request: web.Request) -> web.Response:
 
 
 ROUTES: Final = [
-    Route("GET", "/v1/accounts/{account}", get_account, "An account's debits, credits and balance",
-          ("admin", "auditor"), None, Account, params={"account": domain.AccountName}),
+    Route("GET", "/v1/accounts/{account}", get_account,
+          "An account's debits, credits and balance; with `tree_size`, over the first tree_size entries only "
+          "(AccountAt)", ("admin", "auditor"), None, Account,
+          params={"account": domain.AccountName, "tree_size": TreeSize}),
+    Route("GET", "/v1/accounts/{account}/entries", list_account_entries,
+          "Entries touching an account, oldest first, optionally with occurred_at in [from, to); pages by cursor",
+          ("admin", "auditor"), None, AccountEntries,
+          params={"account": domain.AccountName, **paging.PERIOD_PARAMS, **paging.PAGE_PARAMS}),
     Route("GET", "/v1/reports/cities/{city}/{year}", get_city_report,
           "A city's budget of one program (`program`, default `default`) for a year: budget (set and carried in), "
           "issued, redeemed, refunded, revoked, expired (lapsed and carried out), outstanding and available",

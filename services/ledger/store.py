@@ -128,6 +128,41 @@ SELECT j.index, j.type, j.occurred_at, sha256('\\x00'::bytea || j.leaf) AS leaf_
 FROM journal j ORDER BY j.index DESC LIMIT $1"""
 
 
+# --- queries with cursors (queries.account_entries, queries.account_at) -------------------------------------------
+# Entries touching an account after a position, oldest first, through postings (account, entry_index): the scan reads
+# at most $3 of the account's entries (one per entry, though it may post to the account more than once), then keeps
+# those whose occurred_at is in [$4, $5) (NULL: unbounded), at most $6. `scanned` and `last_scanned` say whether the
+# scan stopped at its bound (then the next page goes on from last_scanned) or at the account's end.
+ACCOUNT_ENTRIES_SQL: Final = """
+WITH scanned AS MATERIALIZED (
+    SELECT DISTINCT p.entry_index FROM postings p
+    WHERE p.account = $1 AND p.entry_index > $2
+    ORDER BY p.entry_index LIMIT $3),
+hits AS (
+    SELECT j.index FROM scanned s JOIN journal j ON j.index = s.entry_index
+    WHERE ($4::timestamptz IS NULL OR j.occurred_at >= $4) AND ($5::timestamptz IS NULL OR j.occurred_at < $5)
+    ORDER BY j.index LIMIT $6)
+SELECT ARRAY(SELECT index FROM hits ORDER BY index) AS hits, (SELECT count(*) FROM scanned) AS scanned,
+       (SELECT max(entry_index) FROM scanned) AS last_scanned"""
+JOURNAL_AT_SQL: Final = """
+SELECT index, event_id::text, type, occurred_at, leaf FROM journal WHERE index = ANY($1::bigint[]) ORDER BY index"""
+POSTINGS_AT_SQL: Final = """
+SELECT entry_index, account, debit, credit FROM postings WHERE entry_index = ANY($1::bigint[])
+ORDER BY entry_index, seq"""
+ACCOUNT_MOVED_SQL: Final = "SELECT EXISTS (SELECT 1 FROM accounts WHERE account = $1)"
+# An account's totals over entries 0 .. $2-1. Committed postings never change, so the sum over the first $2 entries
+# (PREFIX) is the same whenever it is read; when $2 is near the head, the running totals less the postings from $2 on
+# (SUFFIX, in one statement: one snapshot) read fewer rows. Both read the index (account, entry_index) INCLUDE
+# (debit, credit) only.
+ACCOUNT_PREFIX_SQL: Final = """
+SELECT coalesce(sum(p.debit), 0) AS debits, coalesce(sum(p.credit), 0) AS credits
+FROM postings p WHERE p.account = $1 AND p.entry_index < $2"""
+ACCOUNT_SUFFIX_SQL: Final = """
+SELECT a.debits - coalesce(s.debits, 0) AS debits, a.credits - coalesce(s.credits, 0) AS credits
+FROM accounts a, LATERAL (SELECT sum(p.debit) AS debits, sum(p.credit) AS credits FROM postings p
+                          WHERE p.account = $1 AND p.entry_index >= $2) s
+WHERE a.account = $1"""
+
 # --- views ------------------------------------------------------------------------------------------------------------
 
 def b64(raw: bytes) -> str:
