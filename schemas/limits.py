@@ -141,6 +141,19 @@ PAGE_CACHE_S: Final = 1.0                  # the auditor's page is rendered at m
 NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
 LOG_NAME_LENGTH_MAX: Final = 255           # the log's origin, which is also its signing key's name
 
+# --- witnesses (C2SP tlog-witness: the ledger submits, `cvl witness serve` cosigns) ----------------------------------
+WITNESSES_MAX: Final = 16                  # witnesses in CVL_WITNESSES
+WITNESS_TIMEOUT_S: Final = 5.0             # one add-checkpoint request, connect to last byte
+WITNESS_ATTEMPTS_MAX: Final = 2            # requests per round: the submission and one retry with a 409's size
+WITNESS_POLL_S: Final = 0.5                # a submitter looks for a new checkpoint this often (sooner when woken)
+WITNESS_BACKOFF_MIN_S: Final = 1.0         # after a failed round; doubled per failure up to the max, reset on success
+WITNESS_BACKOFF_MAX_S: Final = 30.0
+WITNESS_RESPONSE_BYTES_MAX: Final = 65536  # a witness's answer (a few cosignature lines)
+WITNESS_REQUEST_BYTES_MAX: Final = 16384   # what our witness reads: old size, <= 63 proof lines, a checkpoint note
+WITNESS_PROOF_LINES_MAX: Final = 63        # consistency proof lines in one request (tlog-witness)
+WITNESS_LOGS_MAX: Final = 64               # logs our witness is configured with
+WITNESS_NAME_LENGTH_MAX: Final = 255       # a witness's key name
+
 # --- queries with cursor pagination (CONTRACT.md, "Second release" -> "Queries") ----------------------------------
 QUERY_LIMIT_MAX: Final = 1000              # rows (entries, vouchers, redemptions) one page of a query returns at most
 QUERY_LIMIT_DEFAULT: Final = 100

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Final
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 from msgspec import Meta
@@ -45,7 +46,7 @@ from services.common.errors import Forbidden, ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 
-from . import commands, domain, notes, page, queries
+from . import commands, domain, notes, page, queries, witnesses
 
 log = logging.getLogger("cvl.ledger")
 
@@ -60,6 +61,7 @@ PAGE_HEADERS: Final = {"Content-Security-Policy": "default-src 'none'; style-src
 
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
 LOG_KEY: Final = web.AppKey("log_key", notes.LogKey)
+WITNESSES: Final = web.AppKey("witnesses", list)
 
 journal_size = Gauge("cvl_ledger_journal_size_entries", "Entries in the journal (the Merkle tree size)")
 checkpoint_size = Gauge("cvl_ledger_checkpoint_tree_size", "Tree size of the latest signed checkpoint")
@@ -196,16 +198,20 @@ async def _refresh_budget_gauges(pool: asyncpg.Pool) -> None:
         await asyncio.sleep(BUDGET_GAUGES_REFRESH_S)
 
 
-async def _sign_checkpoints(pool: asyncpg.Pool, key: notes.LogKey) -> None:
+async def _sign_checkpoints(pool: asyncpg.Pool, key: notes.LogKey,
+                            submitters: list[witnesses.Submitter] | None = None) -> None:
     """Background task: every CHECKPOINT_INTERVAL_S, sign a checkpoint if the journal grew (commands.sign_checkpoint).
 
     Every replica runs it; the advisory lock lets one sign per round. A refusal (the tree does not extend the latest
-    checkpoint) is logged and counted, and retried next round: it persists until an operator looks.
+    checkpoint) is logged and counted, and retried next round: it persists until an operator looks. A new checkpoint
+    wakes this replica's witness submitters, which run in tasks of their own: signing never waits for a witness.
     """
     while True:
         try:
             signed = await commands.sign_checkpoint(pool, key)
             if signed is not None:
+                for submitter in submitters or ():
+                    submitter.wake.set()
                 checkpoints_signed.inc()
                 checkpoint_size.set(signed.tree_size)
                 checkpoint_age.set(0.0)
@@ -342,6 +348,10 @@ async def get_log_key(request: web.Request) -> web.Response:
     return web.Response(text=request.app[LOG_KEY].verifier() + "\n", content_type=TEXT_PLAIN, charset="utf-8")
 
 
+async def get_log_witnesses(request: web.Request) -> web.Response:
+    return json_response(witnesses.listing(request.app[WITNESSES]))
+
+
 def page_renderer(app: web.Application) -> Callable[[], Awaitable[bytes]]:
     async def render() -> bytes:
         settings = app[http.SETTINGS]
@@ -387,8 +397,12 @@ ROUTES: Final = [
           "Every signed checkpoint, oldest first, from position `start`", ("admin", "auditor"), None, Checkpoints,
           params={"start": CheckpointStart, "limit": CheckpointsLimit}),
     Route("GET", "/v1/checkpoint", get_checkpoint,
-          "text/plain: the latest checkpoint, a C2SP tlog-checkpoint in a signed note (Ed25519); public"),
+          "text/plain: the latest checkpoint, a C2SP tlog-checkpoint in a signed note (Ed25519), followed by every "
+          "witness cosignature collected for it (C2SP tlog-cosignature); public"),
     Route("GET", "/v1/log/key", get_log_key, "text/plain: the log's C2SP verifier key; public"),
+    Route("GET", "/v1/log/witnesses", get_log_witnesses,
+          "The witnesses this ledger submits its checkpoints to (C2SP tlog-witness): name, verifier key (type 0x04, "
+          "cosignature/v1), submission URL; public", (), None, witnesses.WitnessList),
     Route("GET", "/", auditor_page, "text/html: the auditor's page (aggregate figures, checkpoint, how to verify)"),
 ]
 
@@ -399,7 +413,11 @@ def create_app(settings: Settings) -> web.Application:
     app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
     app[LOG_KEY] = notes.load_log_key(settings.run_dir, notes.origin_from_env())
     app[PAGE] = PageCache(page_renderer(app))
+    app[WITNESSES] = witnesses.witnesses_from_env()
     log.info("checkpoints are signed with the log key", extra={"verifier_key": app[LOG_KEY].verifier()})
+    if app[WITNESSES]:
+        log.info("checkpoints are submitted to witnesses",
+                 extra={"witnesses": [f"{w.verifier}={w.url}" for w in app[WITNESSES]]})
 
     async def resources(app: web.Application):
         await kafka.ensure_topics(settings)
@@ -411,15 +429,24 @@ def create_app(settings: Settings) -> web.Application:
                             # in it under the log_head lock: no processed_events row per event.
                             claim=False)
         app[POOL] = pool
+        # One session for every witness (keep-alive connections, as tlog-witness recommends); one task per witness.
+        witness_session = aiohttp.ClientSession()
+        submitters = [witnesses.Submitter(pool, witness_session, w) for w in app[WITNESSES]]
         consumer_task = asyncio.create_task(consumer.run(), name="ledger-consumer")
         background = [asyncio.create_task(_refresh_log_status(pool), name="log-status"),
                       asyncio.create_task(_refresh_budget_gauges(pool), name="budget-gauges"),
-                      asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY]), name="checkpoint-signer")]
+                      asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY], submitters),
+                                          name="checkpoint-signer")]
+        background += [asyncio.create_task(s.run(), name=f"witness-{s.name}") for s in submitters]
+        if submitters:
+            background.append(asyncio.create_task(witnesses.refresh_status(pool, app[WITNESSES]),
+                                                  name="witness-status"))
         yield
         # Drain: the consumer finishes (commits) the batch in hand and stops polling; then the pool closes.
         await tasks.stop_within(consumer.stop, consumer_task, SHUTDOWN_TIMEOUT_S,
                                 "the consumer did not stop in time; its uncommitted batch will be redelivered")
         await tasks.cancel_all(background)
+        await witness_session.close()
         await probe.close()
         await pool.close()
 

@@ -93,7 +93,8 @@ async def log_status(pool: asyncpg.Pool) -> LogStatus:
 
 
 async def latest_note(pool: asyncpg.Pool) -> str:
-    row = await pool.fetchrow(store.LATEST_CHECKPOINT_SQL)
+    """The latest checkpoint's note with every cosignature collected for it (CONTRACT.md "Witnessed checkpoints")."""
+    row = await pool.fetchrow(store.LATEST_NOTE_SQL)
     if row is None:
         raise NotFound("no checkpoint has been signed yet: the journal is empty")
     return row["note"]

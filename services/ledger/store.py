@@ -85,8 +85,17 @@ SELECT seq, tree_size, root, note, signed_at FROM checkpoints ORDER BY seq DESC 
 INSERT_CHECKPOINT_SQL: Final = """
 INSERT INTO checkpoints (seq, tree_size, root, note) VALUES ($1, $2, $3, $4) RETURNING signed_at"""
 SIGNED_SIZE_SQL: Final = "SELECT coalesce(max(tree_size), 0) FROM checkpoints"
+# A checkpoint as served: its note followed by the cosignature lines collected for it (witnesses' lines in their
+# keys' order; a signed note's verifier ignores lines of keys it does not know: C2SP signed-note).
 LIST_CHECKPOINTS_SQL: Final = """
-SELECT tree_size, note, signed_at FROM checkpoints WHERE seq >= $1 ORDER BY seq LIMIT $2"""
+SELECT c.tree_size, c.note || coalesce((SELECT string_agg(w.line || E'\\n', '' ORDER BY w.witness)
+                                        FROM cosignatures w WHERE w.tree_size = c.tree_size), '') AS note,
+       c.signed_at
+FROM checkpoints c WHERE c.seq >= $1 ORDER BY c.seq LIMIT $2"""
+LATEST_NOTE_SQL: Final = """
+SELECT c.note || coalesce((SELECT string_agg(w.line || E'\\n', '' ORDER BY w.witness)
+                           FROM cosignatures w WHERE w.tree_size = c.tree_size), '') AS note
+FROM checkpoints c ORDER BY c.seq DESC LIMIT 1"""
 # What the metrics follow, in one snapshot: the journal's size, the latest checkpoint, and how long ago it was signed
 # (or, before the first, how long ago the first entry arrived) by the database's clock.
 LOG_STATUS_SQL: Final = """
@@ -95,6 +104,26 @@ SELECT h.size, c.tree_size AS signed_size,
            AS checkpoint_age_s
 FROM log_head h LEFT JOIN LATERAL (
     SELECT tree_size, signed_at FROM checkpoints ORDER BY seq DESC LIMIT 1) c ON true"""
+
+# --- witnesses (witnesses.py) -----------------------------------------------------------------------------------------
+# One submitter's round, in one snapshot: the latest checkpoint, whether this witness (its verifier key, $1) cosigned
+# it, and the largest size it cosigned (its `old` size, when it has not told us another with a 409).
+WITNESS_ROUND_SQL: Final = """
+SELECT c.tree_size, c.note,
+       EXISTS (SELECT 1 FROM cosignatures w WHERE w.witness = $1 AND w.tree_size = c.tree_size) AS cosigned,
+       (SELECT coalesce(max(w.tree_size), 0) FROM cosignatures w WHERE w.witness = $1) AS witness_size
+FROM checkpoints c ORDER BY c.seq DESC LIMIT 1"""
+INSERT_COSIGNATURE_SQL: Final = """
+INSERT INTO cosignatures (tree_size, witness, line, cosigned_at) VALUES ($1, $2, $3, to_timestamp($4))
+ON CONFLICT (tree_size, witness) DO NOTHING"""
+# What the witness gauges follow, per configured witness ($1, verifier keys): the largest size it cosigned, and how
+# long the oldest checkpoint after that one has waited (NULL when it cosigned the latest), by the database's clock.
+WITNESS_STATUS_SQL: Final = """
+SELECT k.witness, coalesce(s.size, 0) AS cosigned_size,
+       extract(epoch FROM now() - (SELECT c.signed_at FROM checkpoints c WHERE c.tree_size > coalesce(s.size, 0)
+                                   ORDER BY c.tree_size LIMIT 1)) AS waiting_s
+FROM unnest($1::text[]) AS k(witness)
+LEFT JOIN LATERAL (SELECT max(w.tree_size) AS size FROM cosignatures w WHERE w.witness = k.witness) s ON true"""
 
 # --- reads ------------------------------------------------------------------------------------------------------------
 
