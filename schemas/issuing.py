@@ -1,7 +1,7 @@
 """Issuing service requests and responses (government side)."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -142,3 +142,15 @@ class TokenRevocation(msgspec.Struct, kw_only=True):
     jti: Jti
     exp: int
     revoked_at: Timestamp
+
+
+# --- queries (CONTRACT.md, "Second release" -> "Queries") ------------------------------------------------------------
+
+VoucherStatus = Literal["active", "revoked", "expired"]
+
+
+class VoucherPage(msgspec.Struct, kw_only=True):
+    """Vouchers of a city, oldest first (created_at, then voucher_id); `next_cursor` for the next page, null at the
+    end."""
+    vouchers: list[Voucher]
+    next_cursor: str | None

@@ -83,3 +83,24 @@ class CheckpointView(msgspec.Struct, kw_only=True):
 
 class Checkpoints(msgspec.Struct, kw_only=True):
     checkpoints: list[CheckpointView]
+
+
+# --- queries (CONTRACT.md, "Second release" -> "Queries") ------------------------------------------------------------
+
+class AccountEntries(msgspec.Struct, kw_only=True):
+    """Entries touching an account, oldest (lowest index) first, each as GET /v1/entries serves it. `next_cursor`:
+    pass it as `cursor` for the next page; null when there is no more. A page filtered by `from`/`to` may come back
+    short, even empty, with a next_cursor: it read its bound of the account's entries (ACCOUNT_ENTRIES_SCAN_MAX)."""
+    account: str
+    entries: list[Entry]
+    next_cursor: str | None
+
+
+class AccountAt(msgspec.Struct, kw_only=True):
+    """An account's totals over the first `tree_size` entries (indexes 0 .. tree_size-1): check them against a signed
+    checkpoint of that size."""
+    account: str
+    debits: Total
+    credits: Total
+    balance: Total
+    tree_size: int

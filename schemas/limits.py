@@ -142,6 +142,28 @@ PAGE_CACHE_S: Final = 1.0                  # the auditor's page is rendered at m
 NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
 LOG_NAME_LENGTH_MAX: Final = 255           # the log's origin, which is also its signing key's name
 
+# --- witnesses (C2SP tlog-witness: the ledger submits, `cvl witness serve` cosigns) ----------------------------------
+WITNESSES_MAX: Final = 16                  # witnesses in CVL_WITNESSES
+WITNESS_TIMEOUT_S: Final = 5.0             # one add-checkpoint request, connect to last byte
+WITNESS_ATTEMPTS_MAX: Final = 2            # requests per round: the submission and one retry with a 409's size
+WITNESS_POLL_S: Final = 0.5                # a submitter looks for a new checkpoint this often (sooner when woken)
+WITNESS_BACKOFF_MIN_S: Final = 1.0         # after a failed round; doubled per failure up to the max, reset on success
+WITNESS_BACKOFF_MAX_S: Final = 30.0
+WITNESS_RESPONSE_BYTES_MAX: Final = 65536  # a witness's answer (a few cosignature lines)
+WITNESS_REQUEST_BYTES_MAX: Final = 16384   # what our witness reads: old size, <= 63 proof lines, a checkpoint note
+WITNESS_PROOF_LINES_MAX: Final = 63        # consistency proof lines in one request (tlog-witness)
+WITNESS_LOGS_MAX: Final = 64               # logs our witness is configured with
+WITNESS_NAME_LENGTH_MAX: Final = 255       # a witness's key name
+
+# --- queries with cursor pagination (CONTRACT.md, "Second release" -> "Queries") ----------------------------------
+QUERY_LIMIT_MAX: Final = 1000              # rows (entries, vouchers, redemptions) one page of a query returns at most
+QUERY_LIMIT_DEFAULT: Final = 100
+CURSOR_LENGTH_MAX: Final = 512             # an opaque cursor (base64 of its position and a 16-byte MAC) ~ 100 chars
+# Postings of one account one page of GET /v1/accounts/{a}/entries reads at most when from/to filter them: a page
+# stays bounded however few of an account's entries fall in the period (it may then come back short, or empty,
+# with a next_cursor to go on from).
+ACCOUNT_ENTRIES_SCAN_MAX: Final = 20_000
+
 # --- the CLI ---------------------------------------------------------------------------------------------------------
 CLI_HTTP_TIMEOUT_S: Final = 30.0
 DEMO_TOKEN_TTL_S: Final = 30 * 24 * 3600

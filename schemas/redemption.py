@@ -151,3 +151,12 @@ class Statement(msgspec.Struct, kw_only=True):
     # True when the period holds more lines than one statement lists (STATEMENT_LINES_MAX of each kind, oldest
     # first); the totals always cover the whole period. Ask again from the last line's created_at.
     truncated: bool
+
+
+# --- queries (CONTRACT.md, "Second release" -> "Queries") ------------------------------------------------------------
+
+class RedemptionPage(msgspec.Struct, kw_only=True):
+    """Redemptions (captured holds included), oldest first (created_at, then redemption_id); `next_cursor` for the
+    next page, null at the end."""
+    redemptions: list[RedemptionDetail]
+    next_cursor: str | None

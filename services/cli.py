@@ -207,16 +207,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    if args.quorum is not None and not 1 <= args.quorum <= len(args.witness or ()):
+        print(f"--quorum {args.quorum}: must be 1 to the number of --witness keys given ({len(args.witness or ())})",
+              file=sys.stderr)
+        return 2
     progress = client.Progress("verify", enabled=not args.quiet)
     try:
         key = note.load_verifier_key(args.key) if args.key else None
+        witnesses = [note.load_witness_key(w) for w in args.witness or ()]
         if ledger is None:
-            outcome = verify.verify_file(Path(args.file), key, progress=progress)
+            outcome = verify.verify_file(Path(args.file), key, progress=progress, witnesses=witnesses,
+                                         quorum=args.quorum)
         else:
-            outcome = verify.verify_url(ledger, key, progress=progress)
+            outcome = verify.verify_url(ledger, key, progress=progress, witnesses=witnesses, quorum=args.quorum)
     except note.NoteError as exc:
         progress.close()
-        print(f"FAILED: the verifier key: {exc}")
+        print(f"FAILED: a verifier or witness key: {exc}")
         return 1
     except verify.VerificationFailed as exc:
         progress.close()
@@ -230,6 +236,34 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(outcome.summary())
+    return 0
+
+
+# --- witness ----------------------------------------------------------------------------------------------------------
+
+def cmd_witness_serve(args: argparse.Namespace) -> int:
+    from services.common import logs
+    from services.witness import config, server
+
+    logs.setup("witness")
+    try:
+        cfg = config.from_env(log_keys=args.log_key, port=args.port, name=args.name, state=args.state)
+        server.serve(cfg)
+    except (ValueError, server.StateError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_witness_key(args: argparse.Namespace) -> int:
+    from services.witness import config, cosigner
+
+    try:
+        key = cosigner.load_key(settings.run_dir(), args.name or config.name_from_env())
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(key.verifier())
     return 0
 
 
@@ -274,9 +308,27 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--file", help="verify an export written by `cvl audit export`")
     ver.add_argument("--key", help="the verifier key (name+keyid+key), or a file holding it; required with --file; "
                                    "with --url, pins the key instead of trusting GET /v1/log/key")
+    ver.add_argument("--witness", action="append", metavar="KEY",
+                     help="a witness's verifier key (name+keyid+base64(0x04 || key)), or a file holding it; "
+                          "repeatable: the latest checkpoint must carry their cosignatures")
+    ver.add_argument("--quorum", type=int, metavar="N",
+                     help="how many of the --witness keys must have cosigned (default: all of them)")
     ver.add_argument("--token", help=token_help)
     ver.add_argument("--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=cmd_audit_verify)
+
+    witness = sub.add_parser("witness", help="our C2SP tlog-witness").add_subparsers(dest="action", required=True)
+    serve = witness.add_parser("serve", help="run the witness: cosign checkpoints consistent with what it saw")
+    serve.add_argument("--log-key", action="append", metavar="KEY",
+                       help="the verifier key of a log it witnesses (its name is the log's origin), or a file "
+                            "holding it; repeatable (default: $CVL_WITNESS_LOG_KEYS, comma-separated)")
+    serve.add_argument("--port", type=int, help="default $CVL_WITNESS_PORT, else 8084 (listens on 127.0.0.1)")
+    serve.add_argument("--name", help="the witness's key name (default $CVL_WITNESS_NAME, else cvl.example/witness)")
+    serve.add_argument("--state", help="its state file (default $CVL_WITNESS_STATE, else .run/witness-state.json)")
+    serve.set_defaults(func=cmd_witness_serve)
+    wkey = witness.add_parser("key", help="print the witness's verifier key (creating its key once)")
+    wkey.add_argument("--name", help="the witness's key name (default $CVL_WITNESS_NAME, else cvl.example/witness)")
+    wkey.set_defaults(func=cmd_witness_key)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -145,3 +145,93 @@ def parse_checkpoint(body: str) -> Checkpoint:
 def open_checkpoint(note: str, key: VerifierKey) -> Checkpoint:
     """The checkpoint a signed note carries, once its signature by `key` verifies."""
     return parse_checkpoint(verify_note(note, key))
+
+
+# --- witnesses' cosignatures -------------------------------------------------------------------------------------------
+#
+# Written from https://c2sp.org/tlog-cosignature (C2SP/C2SP tlog-cosignature.md), the Ed25519 type cosignature/v1:
+#
+#   witness key    <name>+<8 hex digits key id>+<base64(0x04 ‖ 32-byte Ed25519 public key)>
+#   key id         the first 4 bytes of SHA-256(<name> ‖ 0x0A ‖ 0x04 ‖ public key)
+#   cosignature    — <name> <base64(key id ‖ 8-byte big-endian timestamp ‖ 64-byte signature)>   (a note signature line)
+#   signed message "cosignature/v1\n" "time <timestamp, decimal>\n" ‖ the checkpoint's whole body
+#
+# A cosignature says the witness checked, at that time, that this checkpoint is consistent with every earlier one it
+# saw for the origin: a quorum of independent witnesses rules out a split view.
+
+ALG_COSIGNATURE_V1: Final = 0x04
+COSIGNATURE_BYTES: Final = 4 + 8 + 64
+
+
+def cosignature_key_id(name: str, public_key: bytes) -> bytes:
+    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_COSIGNATURE_V1]) + public_key).digest()[:4]
+
+
+def cosigned_message(body: str, timestamp: int) -> bytes:
+    return b"cosignature/v1\ntime %d\n" % timestamp + body.encode()
+
+
+def parse_witness_key(text: str) -> VerifierKey:
+    """`name+hexkeyid+base64(0x04‖pub)`: a witness's cosignature/v1 verifier key; the key id must match."""
+    text = text.strip()
+    parts = text.split("+", 2)
+    if len(parts) != 3:
+        raise NoteError("a witness key is <name>+<key id>+<key>")
+    name, hex_id, b64_key = parts
+    if not _NAME_RE.match(name):
+        raise NoteError(f"the witness key name {name!r} is empty or has whitespace or '+'")
+    if not re.fullmatch(r"[0-9a-f]{8}", hex_id):
+        raise NoteError(f"the witness key id {hex_id!r} is not 8 lowercase hex digits")
+    raw = _b64decode(b64_key, "the witness key")
+    if len(raw) != 33 or raw[0] != ALG_COSIGNATURE_V1:
+        raise NoteError(f"the witness key {name} is not a cosignature/v1 key (0x04 followed by 32 bytes)")
+    if cosignature_key_id(name, raw[1:]) != bytes.fromhex(hex_id):
+        raise NoteError(f"the witness key id {hex_id} does not match the key name and public key")
+    return VerifierKey(name, bytes.fromhex(hex_id), Ed25519PublicKey.from_public_bytes(raw[1:]), text)
+
+
+def load_witness_key(arg: str) -> VerifierKey:
+    """`arg` is the key itself or a file holding it."""
+    if Path(arg).is_file():
+        return parse_witness_key(Path(arg).read_text())
+    return parse_witness_key(arg)
+
+
+def cosignature_time(note: str, body: str, witness: VerifierKey) -> int | None:
+    """The timestamp of `witness`'s valid cosignature of the checkpoint `body` in `note`, or None when the note
+    carries no line of that key (lines of other keys are not its to judge). A line that names the key but does not
+    verify is a forgery, or a witness that is not who it says: NoteError."""
+    split = note.rfind("\n\n")
+    if split < 0 or note[:split + 1] != body:
+        raise NoteError("the note's body is not the checkpoint verified")
+    for line in note[split + 2:].rstrip("\n").split("\n"):
+        fields = line[len(SIGNATURE_PREFIX):].split(" ") if line.startswith(SIGNATURE_PREFIX) else []
+        if len(fields) != 2:
+            raise NoteError(f"signature line {line[:80]!r} is not '— <name> <signature>'")
+        name, b64_sig = fields
+        raw = _b64decode(b64_sig, f"the signature of {name}")
+        if name != witness.name or raw[:4] != witness.key_id:
+            continue
+        if len(raw) != COSIGNATURE_BYTES:
+            raise NoteError(f"the cosignature by {name} is {len(raw)} bytes, not {COSIGNATURE_BYTES}")
+        timestamp = int.from_bytes(raw[4:12], "big")
+        if timestamp > TREE_SIZE_MAX:
+            raise NoteError(f"the cosignature by {name} has a timestamp beyond 2^63 - 1")
+        try:
+            witness.public_key.verify(raw[12:], cosigned_message(body, timestamp))
+        except InvalidSignature:
+            raise NoteError(f"the cosignature by {name} ({witness.key_id.hex()}) is not valid for this "
+                            f"checkpoint: forged, or of another checkpoint") from None
+        return timestamp
+    return None
+
+
+def check_quorum(note: str, body: str, witnesses: list[VerifierKey], quorum: int) -> list[str]:
+    """The names of the witnesses that cosigned; NoteError unless at least `quorum` of them did (or one forged)."""
+    signed = [cosignature_time(note, body, w) is not None for w in witnesses]
+    cosigned = [w.name for w, ok in zip(witnesses, signed) if ok]
+    if len(cosigned) < quorum:
+        missing = [w.text for w, ok in zip(witnesses, signed) if not ok]
+        raise NoteError(f"{len(cosigned)} of the {len(witnesses)} witnesses given cosigned it, fewer than the quorum "
+                        f"of {quorum}; no valid cosignature by: {', '.join(missing)}")
+    return cosigned

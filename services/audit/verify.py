@@ -273,18 +273,22 @@ def _processes() -> int:
 
 
 def verify_file(path: Path, key: note.VerifierKey, *, progress: Progress | None = None,
-                processes: int | None = None) -> Outcome:
+                processes: int | None = None, witnesses: list[note.VerifierKey] | None = None,
+                quorum: int | None = None) -> Outcome:
     """Verify an export. With several `processes` (default: one per processor for exports over PARALLEL_MIN_BYTES,
-    or $CVL_AUDIT_PROCESSES), consecutive ranges of the entries are checked and replayed in parallel and joined."""
+    or $CVL_AUDIT_PROCESSES), consecutive ranges of the entries are checked and replayed in parallel and joined.
+    With `witnesses`, the export's last checkpoint (the one the entries end at) must carry valid cosignatures by at
+    least `quorum` of them (default: all)."""
     started = time.monotonic()
     export = ExportFile(path)
+    last: list[tuple[CheckpointView, str]] = []
     try:
         warnings = []
         if export.header.key is not None and export.header.key.strip() != key.text:
             warnings.append("the export's header names another verifier key than the one given; the checkpoints "
                             "were verified with the one given")
         totals_at = export.totals.tree_size if export.totals is not None else None
-        replay = Replay(key, export.checkpoints(), strict_end=True, totals_at=totals_at)
+        replay = Replay(key, _remember_last(export.checkpoints(), last), strict_end=True, totals_at=totals_at)
         replay.totals = export.totals
         total = export.trailer.entries if export.trailer else 0
         if processes is None:
@@ -305,11 +309,44 @@ def verify_file(path: Path, key: note.VerifierKey, *, progress: Progress | None 
                                      f"file holds {outcome.entries} and {export.checkpoint_lines}")
         if export.totals is None:
             warnings.append("the export carries no totals: nothing compared with the ledger API")
+        if witnesses:
+            view, where = last[-1]
+            _add_witnessed(outcome, check_witnesses(view.note, key, witnesses, quorum,
+                                                    f"{where} (tree size {view.tree_size})"))
         outcome.warnings[:0] = warnings
     finally:
         export.close()
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _remember_last(checkpoints: Iterator[tuple[CheckpointView, str]],
+                   last: list[tuple[CheckpointView, str]]) -> Iterator[tuple[CheckpointView, str]]:
+    for item in checkpoints:
+        last[:] = [item]
+        yield item
+
+
+# --- witnesses --------------------------------------------------------------------------------------------------------
+
+def check_witnesses(signed_note: str, key: note.VerifierKey, witnesses: list[note.VerifierKey], quorum: int | None,
+                    where: str) -> str:
+    """Fail unless at least `quorum` (default: all) of `witnesses` cosigned the checkpoint in `signed_note`, a note
+    that `key` signed; a forged cosignature of a given witness fails too. What held, for the summary."""
+    quorum = len(witnesses) if quorum is None else quorum
+    if not 1 <= quorum <= len(witnesses):
+        raise VerificationFailed(f"--quorum {quorum}: must be 1 to the {len(witnesses)} witnesses given")
+    try:
+        body = note.verify_note(signed_note, key)
+        cosigned = note.check_quorum(signed_note, body, witnesses, quorum)
+    except note.NoteError as exc:
+        raise VerificationFailed(f"{where}: {exc}") from None
+    return (f"witnessed: {len(cosigned)} of {len(witnesses)} witnesses cosigned the latest checkpoint (quorum "
+            f"{quorum}): {', '.join(cosigned)}")
+
+
+def _add_witnessed(outcome: Outcome, text: str) -> None:
+    outcome.proofs = f"{outcome.proofs}\n  {text}" if outcome.proofs else text
 
 
 # --- ranges in parallel -----------------------------------------------------------------------------------------------
@@ -423,9 +460,11 @@ def _find_mint(export: ExportFile, byte_range: tuple[int, int], voucher: str) ->
 # --- the live API -----------------------------------------------------------------------------------------------------
 
 def verify_url(client: LedgerClient, key: note.VerifierKey | None, *, progress: Progress | None = None,
-               seed: int | None = None) -> Outcome:
+               seed: int | None = None, witnesses: list[note.VerifierKey] | None = None,
+               quorum: int | None = None) -> Outcome:
     """Verify the live ledger: its entries, checkpoints and totals through its API (read as stream_ledger does),
-    and a sample of the proofs it serves."""
+    and a sample of the proofs it serves. With `witnesses`, the latest checkpoint (GET /v1/checkpoint, read first)
+    must carry valid cosignatures by at least `quorum` of them (default: all)."""
     started = time.monotonic()
     warnings = []
     served = client.verifier_key()
@@ -439,10 +478,13 @@ def verify_url(client: LedgerClient, key: note.VerifierKey | None, *, progress: 
                         "--key")
     elif served.strip() != key.text:
         warnings.append(f"the ledger now serves another verifier key ({served.strip()}) than the one given")
+    latest_note = client.latest_checkpoint()
     try:
-        latest = note.open_checkpoint(client.latest_checkpoint(), key)
+        latest = note.open_checkpoint(latest_note, key)
     except note.NoteError as exc:
         raise VerificationFailed(f"GET /v1/checkpoint: {exc}") from None
+    witnessed = check_witnesses(latest_note, key, witnesses, quorum, f"GET /v1/checkpoint (tree size "
+                                                                     f"{latest.tree_size})") if witnesses else ""
     rng = random.Random(seed)
     sample = sorted({0, latest.tree_size - 1, *(rng.randrange(latest.tree_size) for _ in range(INCLUSION_PROOFS))}) \
         if latest.tree_size else []
@@ -461,6 +503,8 @@ def verify_url(client: LedgerClient, key: note.VerifierKey | None, *, progress: 
     stream_ledger(client, on_page, replay.take_totals, progress)
     outcome = replay.finish()
     outcome.proofs = _check_proofs(client, replay)
+    if witnessed:
+        _add_witnessed(outcome, witnessed)
     outcome.warnings[:0] = warnings
     outcome.seconds = time.monotonic() - started
     return outcome

@@ -48,3 +48,15 @@ journal_delay = Histogram("cvl_ledger_journal_delay_seconds",
                           "Seconds from an event's occurred_at (its command's commit, just before the acknowledgement) "
                           "to its journaling, observed once per journal batch for the batch's oldest event",
                           buckets=JOURNAL_DELAY_BUCKETS_S)
+
+# The ledger's witnesses (CONTRACT.md "Witnessed checkpoints"), labelled by the witness's key name. The gauges follow
+# the database (every ledger replica refreshes them), so max() over replicas is the log's state.
+witness_cosigned_size = Gauge("cvl_ledger_witness_cosigned_tree_size",
+                              "Largest checkpoint tree size this witness cosigned", ["witness"])
+witness_missing = Gauge("cvl_ledger_witness_cosignature_missing_seconds",
+                        "How long the oldest checkpoint newer than the latest this witness cosigned has waited for "
+                        "its cosignature (0 when it cosigned the latest checkpoint)", ["witness"])
+witness_submissions = Counter("cvl_ledger_witness_submissions_total",
+                              "add-checkpoint requests to a witness, by outcome: cosigned, conflict (409), refused "
+                              "(403/404: not configured for our log or key), rejected (400/422), invalid (a bad "
+                              "cosignature), unavailable (timeout, connection, 5xx)", ["witness", "outcome"])

@@ -12,20 +12,21 @@ from typing import Any, Final
 import asyncpg
 from aiohttp import web
 
-from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, ProviderId, Uuid, Year
+from schemas.common import DEFAULT_PROGRAM, Beneficiary, CityId, ProgramId, ProviderId, Timestamp, Uuid, Year
 from schemas.issuing import (
     BatchMintIn, BatchMintOut, Budget, BudgetIn, City, CityIn, MintIn, Program, ProgramIn, Provider, ProviderIn,
-    RevokeIn, TokenRevocation, TokenRevokeIn, Voucher,
+    RevokeIn, TokenRevocation, TokenRevokeIn, Voucher, VoucherPage, VoucherStatus,
 )
 
-from services.common import db, http, idempotency, kafka, outbox, tasks
+from services.common import db, http, idempotency, kafka, outbox, paging, tasks
 from services.common.auth import require
 from services.common.consumer import Consumer, Delivered, of_types
+from services.common.errors import ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 
-from . import commands, domain, tokens
+from . import commands, domain, queries, tokens
 from .writer import Writers
 
 SCHEMA: Final = "issuing"
@@ -149,6 +150,33 @@ async def revoke(request: web.Request) -> web.Response:
     return http.answer(await commands.revoke(request.app[COMMANDS], who, voucher_id, body, key))
 
 
+
+VOUCHERS_QUERY: Final = "issuing.vouchers"
+
+
+async def list_vouchers(request: web.Request) -> web.Response:
+    """A city's vouchers, oldest first, in pages: the issuer of that city (`city` defaults to the token's), or an
+    admin (who names the city)."""
+    who = principal(request)
+    require(who, "admin", "issuer", city=who.city)
+    city = param(request, "city", CityId, query=True, default=who.city if who.role == "issuer" else None)
+    if city is None:
+        raise ValidationFailed("parameter city is required", field="city")
+    require(who, "admin", "issuer", city=city)
+    filters = {"city": city, "year": param(request, "year", Year, query=True, default=None),
+               "beneficiary": param(request, "beneficiary", Beneficiary, query=True, default=None),
+               "status": param(request, "status", VoucherStatus, query=True, default=None)}
+    limit = paging.limit(request)
+    pool = request.app[POOL]
+    pos = await paging.position(request, pool, VOUCHERS_QUERY, filters)
+    after = None if pos is None else tuple(paging.check_position(pos, Timestamp, Uuid))
+    page = await queries.vouchers(pool, city, year=filters["year"], beneficiary=filters["beneficiary"],
+                                  status=filters["status"], after=after, limit=limit)  # type: ignore[arg-type]
+    last = None if page.last is None else [page.last[0].isoformat(), page.last[1]]
+    return json_response(VoucherPage(vouchers=page.vouchers,
+                                     next_cursor=await paging.next_cursor(pool, VOUCHERS_QUERY, filters, last)))
+
+
 # --- bearer tokens ------------------------------------------------------------------------------------------------
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -186,6 +214,11 @@ ROUTES: Final = [
     Route("POST", "/v1/vouchers", mint, "Mint a voucher within the budget", ("issuer",), MintIn, Voucher, 201),
     Route("POST", "/v1/vouchers/batch", mint_batch, "Mint up to 1000 vouchers, all or nothing", ("issuer",),
           BatchMintIn, BatchMintOut, 201),
+    Route("GET", "/v1/vouchers", list_vouchers,
+          "A city's vouchers, oldest first, optionally of one year, beneficiary or status; pages by cursor",
+          ("admin", "issuer"), None, VoucherPage,
+          params={"city": CityId, "year": Year, "beneficiary": Beneficiary, "status": VoucherStatus,
+                  **paging.PAGE_PARAMS}),
     Route("GET", "/v1/vouchers/{voucher_id}", get_voucher, "A voucher", ("admin", "issuer"), None, Voucher,
           params={"voucher_id": Uuid}),
     Route("POST", "/v1/vouchers/{voucher_id}/revoke", revoke,

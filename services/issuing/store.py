@@ -234,3 +234,17 @@ def voucher_view(row: asyncpg.Record) -> Voucher:
                    returned=row["returned"], lapsed=row["lapsed"], carried=row["carried"],
                    revoked_reason=row["revoked_reason"],
                    revocation_pending=row["revoked_at"] is not None and not row["frozen"], program=row["program"])
+
+
+# --- queries: a city's vouchers in pages (GET /v1/vouchers), keyset (created_at, voucher_id) ----------------------
+# Two statements, not one with "$n IS NULL OR ...", so each plan always uses its index (vouchers_city_created,
+# vouchers_city_beneficiary_created); the first page starts before every voucher (queries.FIRST_POSITION). Columns
+# are qualified (v.) so that ORDER BY means the uuid column, not the text it is selected as.
+_LIST_VOUCHERS: Final = f"""
+SELECT {_VOUCHER_COLUMNS} FROM vouchers v
+WHERE v.city = $1 {{beneficiary}}AND (v.created_at, v.voucher_id) > ($2::timestamptz, $3::uuid)
+  AND ($4::int IS NULL OR v.year = $4) AND ($5::text IS NULL OR v.status = $5)
+ORDER BY v.city, {{order_beneficiary}}v.created_at, v.voucher_id LIMIT $6"""
+LIST_VOUCHERS_SQL: Final = _LIST_VOUCHERS.format(beneficiary="", order_beneficiary="")
+LIST_VOUCHERS_OF_BENEFICIARY_SQL: Final = _LIST_VOUCHERS.format(beneficiary="AND v.beneficiary = $7 ",
+                                                                order_beneficiary="v.beneficiary, ")

@@ -22,27 +22,31 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Final
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 from msgspec import Meta
 from prometheus_client import Counter, Gauge
 
 from schemas.common import DEFAULT_PROGRAM, CityId, ProgramId, Year
-from schemas.ledger import Account, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance
+from schemas.ledger import (
+    Account, AccountAt, AccountEntries, Checkpoints, CityReport, ConsistencyProof, Entries, InclusionProof, TrialBalance,
+)
 from schemas.limits import (
-    BIGINT_MAX, BUDGET_GAUGES_MAX, BUDGET_GAUGES_REFRESH_S, CHECKPOINT_INTERVAL_S, CHECKPOINTS_LIMIT_DEFAULT,
+    ACCOUNT_ENTRIES_SCAN_MAX, BIGINT_MAX, BUDGET_GAUGES_MAX, BUDGET_GAUGES_REFRESH_S, CHECKPOINT_INTERVAL_S,
+    CHECKPOINTS_LIMIT_DEFAULT,
     CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
     ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_CACHE_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
-from services.common import db, http, kafka, metrics, tasks
+from services.common import db, http, kafka, metrics, paging, tasks
 from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered
 from services.common.errors import Forbidden, ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 
-from . import commands, domain, notes, page, queries
+from . import commands, domain, notes, page, queries, witnesses
 
 log = logging.getLogger("cvl.ledger")
 
@@ -57,6 +61,7 @@ PAGE_HEADERS: Final = {"Content-Security-Policy": "default-src 'none'; style-src
 
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
 LOG_KEY: Final = web.AppKey("log_key", notes.LogKey)
+WITNESSES: Final = web.AppKey("witnesses", list)
 
 journal_size = Gauge("cvl_ledger_journal_size_entries", "Entries in the journal (the Merkle tree size)")
 checkpoint_size = Gauge("cvl_ledger_checkpoint_tree_size", "Tree size of the latest signed checkpoint")
@@ -193,16 +198,20 @@ async def _refresh_budget_gauges(pool: asyncpg.Pool) -> None:
         await asyncio.sleep(BUDGET_GAUGES_REFRESH_S)
 
 
-async def _sign_checkpoints(pool: asyncpg.Pool, key: notes.LogKey) -> None:
+async def _sign_checkpoints(pool: asyncpg.Pool, key: notes.LogKey,
+                            submitters: list[witnesses.Submitter] | None = None) -> None:
     """Background task: every CHECKPOINT_INTERVAL_S, sign a checkpoint if the journal grew (commands.sign_checkpoint).
 
     Every replica runs it; the advisory lock lets one sign per round. A refusal (the tree does not extend the latest
-    checkpoint) is logged and counted, and retried next round: it persists until an operator looks.
+    checkpoint) is logged and counted, and retried next round: it persists until an operator looks. A new checkpoint
+    wakes this replica's witness submitters, which run in tasks of their own: signing never waits for a witness.
     """
     while True:
         try:
             signed = await commands.sign_checkpoint(pool, key)
             if signed is not None:
+                for submitter in submitters or ():
+                    submitter.wake.set()
                 checkpoints_signed.inc()
                 checkpoint_size.set(signed.tree_size)
                 checkpoint_age.set(0.0)
@@ -243,9 +252,44 @@ async def get_account(request: web.Request) -> web.Response:
     who = principal(request)
     require(who, "admin", "auditor")
     name = param(request, "account", domain.AccountName)
+    tree_size = param(request, "tree_size", TreeSize, query=True, default=None)
     pool = request.app[POOL]
     await _require_account_scope(pool, who, name)
+    if tree_size is not None:
+        return await _account_at(pool, name, tree_size)
     return json_response(await queries.account(pool, name))
+
+
+async def _account_at(pool: asyncpg.Pool, name: str, tree_size: int) -> web.Response:
+    """The balance over the first tree_size entries; a size beyond the journal is 422 (it names no tree yet)."""
+    totals = await queries.account_at(pool, name, tree_size)
+    if totals is None:
+        raise ValidationFailed(f"parameter tree_size: {tree_size} is beyond the journal's size", field="tree_size")
+    debits, credits = totals
+    return json_response(AccountAt(account=name, debits=debits, credits=credits, balance=credits - debits,
+                                   tree_size=tree_size))
+
+
+ACCOUNT_ENTRIES_QUERY: Final = "ledger.account_entries"
+
+
+async def list_account_entries(request: web.Request) -> web.Response:
+    """Entries touching an account, oldest first, in pages (`cursor`), optionally within [from, to) by occurred_at.
+    Scopes as GET /v1/accounts/{account}: a city-scoped auditor sees its city's accounts only."""
+    who = principal(request)
+    require(who, "admin", "auditor")
+    name = param(request, "account", domain.AccountName)
+    start, end = paging.period(request)
+    limit = paging.limit(request)
+    pool = request.app[POOL]
+    filters = {"account": name, "from": start, "to": end}
+    pos = await paging.position(request, pool, ACCOUNT_ENTRIES_QUERY, filters)
+    after = paging.check_position(pos, int)[0] if pos is not None else -1
+    await _require_account_scope(pool, who, name)
+    page_ = await queries.account_entries(pool, name, after, start, end, limit, ACCOUNT_ENTRIES_SCAN_MAX)
+    cursor = await paging.next_cursor(pool, ACCOUNT_ENTRIES_QUERY, filters,
+                                      None if page_.last is None else [page_.last])
+    return json_response(AccountEntries(account=name, entries=page_.entries, next_cursor=cursor))
 
 
 async def get_city_report(request: web.Request) -> web.Response:
@@ -304,6 +348,10 @@ async def get_log_key(request: web.Request) -> web.Response:
     return web.Response(text=request.app[LOG_KEY].verifier() + "\n", content_type=TEXT_PLAIN, charset="utf-8")
 
 
+async def get_log_witnesses(request: web.Request) -> web.Response:
+    return json_response(witnesses.listing(request.app[WITNESSES]))
+
+
 def page_renderer(app: web.Application) -> Callable[[], Awaitable[bytes]]:
     async def render() -> bytes:
         settings = app[http.SETTINGS]
@@ -320,8 +368,14 @@ async def auditor_page(request: web.Request) -> web.Response:
 
 
 ROUTES: Final = [
-    Route("GET", "/v1/accounts/{account}", get_account, "An account's debits, credits and balance",
-          ("admin", "auditor"), None, Account, params={"account": domain.AccountName}),
+    Route("GET", "/v1/accounts/{account}", get_account,
+          "An account's debits, credits and balance; with `tree_size`, over the first tree_size entries only "
+          "(AccountAt)", ("admin", "auditor"), None, Account,
+          params={"account": domain.AccountName, "tree_size": TreeSize}),
+    Route("GET", "/v1/accounts/{account}/entries", list_account_entries,
+          "Entries touching an account, oldest first, optionally with occurred_at in [from, to); pages by cursor",
+          ("admin", "auditor"), None, AccountEntries,
+          params={"account": domain.AccountName, **paging.PERIOD_PARAMS, **paging.PAGE_PARAMS}),
     Route("GET", "/v1/reports/cities/{city}/{year}", get_city_report,
           "A city's budget of one program (`program`, default `default`) for a year: budget (set and carried in), "
           "issued, redeemed, refunded, revoked, expired (lapsed and carried out), outstanding and available",
@@ -343,8 +397,12 @@ ROUTES: Final = [
           "Every signed checkpoint, oldest first, from position `start`", ("admin", "auditor"), None, Checkpoints,
           params={"start": CheckpointStart, "limit": CheckpointsLimit}),
     Route("GET", "/v1/checkpoint", get_checkpoint,
-          "text/plain: the latest checkpoint, a C2SP tlog-checkpoint in a signed note (Ed25519); public"),
+          "text/plain: the latest checkpoint, a C2SP tlog-checkpoint in a signed note (Ed25519), followed by every "
+          "witness cosignature collected for it (C2SP tlog-cosignature); public"),
     Route("GET", "/v1/log/key", get_log_key, "text/plain: the log's C2SP verifier key; public"),
+    Route("GET", "/v1/log/witnesses", get_log_witnesses,
+          "The witnesses this ledger submits its checkpoints to (C2SP tlog-witness): name, verifier key (type 0x04, "
+          "cosignature/v1), submission URL; public", (), None, witnesses.WitnessList),
     Route("GET", "/", auditor_page, "text/html: the auditor's page (aggregate figures, checkpoint, how to verify)"),
 ]
 
@@ -355,7 +413,11 @@ def create_app(settings: Settings) -> web.Application:
     app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
     app[LOG_KEY] = notes.load_log_key(settings.run_dir, notes.origin_from_env())
     app[PAGE] = PageCache(page_renderer(app))
+    app[WITNESSES] = witnesses.witnesses_from_env()
     log.info("checkpoints are signed with the log key", extra={"verifier_key": app[LOG_KEY].verifier()})
+    if app[WITNESSES]:
+        log.info("checkpoints are submitted to witnesses",
+                 extra={"witnesses": [f"{w.verifier}={w.url}" for w in app[WITNESSES]]})
 
     async def resources(app: web.Application):
         await kafka.ensure_topics(settings)
@@ -367,15 +429,24 @@ def create_app(settings: Settings) -> web.Application:
                             # in it under the log_head lock: no processed_events row per event.
                             claim=False)
         app[POOL] = pool
+        # One session for every witness (keep-alive connections, as tlog-witness recommends); one task per witness.
+        witness_session = aiohttp.ClientSession()
+        submitters = [witnesses.Submitter(pool, witness_session, w) for w in app[WITNESSES]]
         consumer_task = asyncio.create_task(consumer.run(), name="ledger-consumer")
         background = [asyncio.create_task(_refresh_log_status(pool), name="log-status"),
                       asyncio.create_task(_refresh_budget_gauges(pool), name="budget-gauges"),
-                      asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY]), name="checkpoint-signer")]
+                      asyncio.create_task(_sign_checkpoints(pool, app[LOG_KEY], submitters),
+                                          name="checkpoint-signer")]
+        background += [asyncio.create_task(s.run(), name=f"witness-{s.name}") for s in submitters]
+        if submitters:
+            background.append(asyncio.create_task(witnesses.refresh_status(pool, app[WITNESSES]),
+                                                  name="witness-status"))
         yield
         # Drain: the consumer finishes (commits) the batch in hand and stops polling; then the pool closes.
         await tasks.stop_within(consumer.stop, consumer_task, SHUTDOWN_TIMEOUT_S,
                                 "the consumer did not stop in time; its uncommitted batch will be redelivered")
         await tasks.cancel_all(background)
+        await witness_session.close()
         await probe.close()
         await pool.close()
 

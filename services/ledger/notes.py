@@ -177,3 +177,96 @@ def open_note(note: str, key: LogKey) -> Checkpoint:
             raise NoteError("the note's signature does not verify") from exc
         return parse_checkpoint_body(text)
     raise NoteError(f"the note carries no signature by {key.name}")
+
+
+# --- witnesses' cosignatures ------------------------------------------------------------------------------------------
+#
+# c2sp.org/tlog-cosignature, the Ed25519 type `cosignature/v1`, as we read it (C2SP/C2SP tlog-cosignature.md):
+#   key ID     SHA-256(<name> ‖ "\n" ‖ 0x04 ‖ 32-byte public key)[:4]
+#   verifier   <name>+<hex key ID>+base64(0x04 ‖ public key)            (a C2SP signed-note vkey of type 0x04)
+#   line       — <name> base64(key ID ‖ timestamp (u64, big-endian) ‖ 64-byte Ed25519 signature)
+#   signed     "cosignature/v1\n" "time " <timestamp, decimal> "\n" ‖ the whole checkpoint body (no signature lines)
+# A cosignature says: as of that time, this is the largest consistent tree the witness has seen for this origin.
+
+ALG_COSIGNATURE_V1: Final = 0x04
+TIMESTAMP_SIZE: Final = 8
+COSIGNATURE_SIZE: Final = KEY_ID_SIZE + TIMESTAMP_SIZE + SIGNATURE_SIZE
+# A witness's verifier key: name, 8 hex digits, base64 of 33 bytes (44 characters, no padding, so no '=').
+_WITNESS_KEY_RE: Final = re.compile(r"([^+\s]+)\+([0-9a-f]{8})\+([A-Za-z0-9+/]{44})")
+
+
+def cosignature_key_id(name: str, public_key: bytes) -> bytes:
+    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_COSIGNATURE_V1]) + public_key).digest()[:KEY_ID_SIZE]
+
+
+def cosigned_message(body: str, timestamp: int) -> bytes:
+    """What a cosignature/v1 signs: two header lines, then the checkpoint body as signed by the log."""
+    assert 0 <= timestamp <= BIGINT_MAX and body.endswith("\n")
+    return f"cosignature/v1\ntime {timestamp}\n".encode() + body.encode()
+
+
+class WitnessKey(NamedTuple):
+    name: str
+    public: bytes                   # 32 bytes
+    id: bytes                       # 4 bytes
+
+    def verifier(self) -> str:
+        return (f"{self.name}+{self.id.hex()}+"
+                f"{base64.b64encode(bytes([ALG_COSIGNATURE_V1]) + self.public).decode()}")
+
+
+def parse_witness_key(text: str) -> WitnessKey:
+    """A witness's C2SP verifier key, `name+hexkeyid+base64(0x04 ‖ Ed25519 public key)`; the id must match."""
+    match = _WITNESS_KEY_RE.fullmatch(text.strip())
+    if not match:
+        raise NoteError(f"{text.strip()[:80]!r} is not a witness verifier key (name+8 hex digits+base64 of 0x04 and "
+                        f"an Ed25519 public key)")
+    name, hex_id, encoded = match.groups()
+    raw = base64.b64decode(encoded, validate=True)
+    if len(raw) != 1 + SEED_SIZE or raw[0] != ALG_COSIGNATURE_V1:
+        raise NoteError(f"the witness key {name} is not a cosignature/v1 Ed25519 key (type 0x04)")
+    key = WitnessKey(check_name(name), raw[1:], cosignature_key_id(name, raw[1:]))
+    if key.id.hex() != hex_id:
+        raise NoteError(f"the witness key id {hex_id} does not match its name and public key ({key.id.hex()})")
+    return key
+
+
+class Cosignature(NamedTuple):
+    line: str                       # "— name base64(...)", without its newline
+    timestamp: int                  # seconds since the epoch, as the witness signed it
+
+
+def find_cosignature(lines: str, body: str, key: WitnessKey) -> Cosignature | None:
+    """The cosignature by `key` of the checkpoint `body` among signature `lines` (a witness's answer), or None when
+    none of them names `key` (lines of other keys are ignored, as tlog-witness says). A line that names `key` but
+    does not verify is a NoteError: a witness that answers with a bad signature is broken or not who it says."""
+    for line in lines.splitlines():
+        if not line.startswith(SIGNATURE_PREFIX):
+            raise NoteError(f"{line[:80]!r} is not a signature line")
+        name, _, encoded = line[len(SIGNATURE_PREFIX):].partition(" ")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise NoteError(f"the signature of {name} is not base64") from exc
+        if name != key.name or raw[:KEY_ID_SIZE] != key.id:
+            continue
+        if len(raw) != COSIGNATURE_SIZE:
+            raise NoteError(f"the cosignature by {name} is {len(raw)} bytes, not {COSIGNATURE_SIZE}")
+        timestamp = int.from_bytes(raw[KEY_ID_SIZE:KEY_ID_SIZE + TIMESTAMP_SIZE], "big")
+        if timestamp > BIGINT_MAX:
+            raise NoteError(f"the cosignature by {name} has a timestamp beyond 2^63 - 1")
+        try:
+            Ed25519PublicKey.from_public_bytes(key.public).verify(raw[KEY_ID_SIZE + TIMESTAMP_SIZE:],
+                                                                  cosigned_message(body, timestamp))
+        except InvalidSignature as exc:
+            raise NoteError(f"the cosignature by {name} does not verify") from exc
+        return Cosignature(line, timestamp)
+    return None
+
+
+def note_body(note: str) -> str:
+    """The text a signed note's signatures sign (up to and including the newline before the blank line)."""
+    text, sep, _ = note.rpartition("\n\n")
+    if not sep:
+        raise NoteError("the note has no blank line before its signatures")
+    return text + "\n"

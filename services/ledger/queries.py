@@ -93,7 +93,8 @@ async def log_status(pool: asyncpg.Pool) -> LogStatus:
 
 
 async def latest_note(pool: asyncpg.Pool) -> str:
-    row = await pool.fetchrow(store.LATEST_CHECKPOINT_SQL)
+    """The latest checkpoint's note with every cosignature collected for it (CONTRACT.md "Witnessed checkpoints")."""
+    row = await pool.fetchrow(store.LATEST_NOTE_SQL)
     if row is None:
         raise NotFound("no checkpoint has been signed yet: the journal is empty")
     return row["note"]
@@ -184,3 +185,61 @@ async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, v
                          entries=[page.PageEntry(e["index"], e["type"], e["occurred_at"], bytes(e["leaf_hash"]))
                                   for e in recent],
                          verifier_key=verifier_key, base_url=base_url)
+
+
+# --- queries by account (CONTRACT.md, "Queries") ----------------------------------------------------------------------
+
+class AccountPage(NamedTuple):
+    entries: list
+    last: int | None      # the position to go on from (an entry index), None when the account has no more
+
+
+async def account_entries(pool: asyncpg.Pool, name: str, after: int, start, end, limit: int,
+                          scan_max: int) -> AccountPage:
+    """Entries touching account `name` with index > `after` and occurred_at in [start, end) (None: unbounded),
+    oldest first, at most `limit`, each with all its postings and its leaf.
+
+    Bounded whatever the period: at most `scan_max` of the account's entries are read per page (without a period,
+    `limit` + 1 are: one more tells whether there is more). A page cut by that bound has fewer entries than asked
+    for and a position to go on from.
+    """
+    filtered = start is not None or end is not None
+    scan = scan_max if filtered else limit + 1
+    row = await pool.fetchrow(store.ACCOUNT_ENTRIES_SQL, name, after, scan, start, end, limit + 1)
+    hits = list(row["hits"])
+    if len(hits) > limit:
+        hits, last = hits[:limit], hits[limit - 1]
+    elif row["scanned"] >= scan and filtered:
+        last = row["last_scanned"]
+    else:
+        last = None
+    if not hits:
+        return AccountPage([], last)
+    journal = await pool.fetch(store.JOURNAL_AT_SQL, hits)
+    postings = await pool.fetch(store.POSTINGS_AT_SQL, hits)
+    entries = store.entries_view(journal, postings)
+    assert [e.index for e in entries] == hits, "committed entries are never removed"
+    assert all(any(p.account == name for p in e.postings) for e in entries), "each entry touches the account"
+    return AccountPage(entries, last)
+
+
+async def account_exists(pool: asyncpg.Pool, name: str) -> bool:
+    return await pool.fetchval(store.ACCOUNT_MOVED_SQL, name)
+
+
+async def account_at(pool: asyncpg.Pool, name: str, tree_size: int) -> tuple[int, int] | None:
+    """(debits, credits) of account `name` over entries 0 .. tree_size-1; None when tree_size is beyond the
+    journal. NotFound for an account that has never moved."""
+    size = await pool.fetchval(store.HEAD_SQL)
+    if tree_size > size:
+        return None
+    if not await account_exists(pool, name):
+        raise NotFound(f"account {name} has never moved")
+    # Whichever side of tree_size holds fewer of the journal's entries (and so, roughly, of the account's postings).
+    if 2 * tree_size >= size:
+        row = await pool.fetchrow(store.ACCOUNT_SUFFIX_SQL, name, tree_size)
+    else:
+        row = await pool.fetchrow(store.ACCOUNT_PREFIX_SQL, name, tree_size)
+    debits, credits = int(row["debits"]), int(row["credits"])
+    assert debits >= 0 and credits >= 0, (name, tree_size, debits, credits)
+    return debits, credits

@@ -86,8 +86,17 @@ SELECT seq, tree_size, root, note, signed_at FROM checkpoints ORDER BY seq DESC 
 INSERT_CHECKPOINT_SQL: Final = """
 INSERT INTO checkpoints (seq, tree_size, root, note) VALUES ($1, $2, $3, $4) RETURNING signed_at"""
 SIGNED_SIZE_SQL: Final = "SELECT coalesce(max(tree_size), 0) FROM checkpoints"
+# A checkpoint as served: its note followed by the cosignature lines collected for it (witnesses' lines in their
+# keys' order; a signed note's verifier ignores lines of keys it does not know: C2SP signed-note).
 LIST_CHECKPOINTS_SQL: Final = """
-SELECT tree_size, note, signed_at FROM checkpoints WHERE seq >= $1 ORDER BY seq LIMIT $2"""
+SELECT c.tree_size, c.note || coalesce((SELECT string_agg(w.line || E'\\n', '' ORDER BY w.witness)
+                                        FROM cosignatures w WHERE w.tree_size = c.tree_size), '') AS note,
+       c.signed_at
+FROM checkpoints c WHERE c.seq >= $1 ORDER BY c.seq LIMIT $2"""
+LATEST_NOTE_SQL: Final = """
+SELECT c.note || coalesce((SELECT string_agg(w.line || E'\\n', '' ORDER BY w.witness)
+                           FROM cosignatures w WHERE w.tree_size = c.tree_size), '') AS note
+FROM checkpoints c ORDER BY c.seq DESC LIMIT 1"""
 # What the metrics follow, in one snapshot: the journal's size, the latest checkpoint, and how long ago it was signed
 # (or, before the first, how long ago the first entry arrived) by the database's clock.
 LOG_STATUS_SQL: Final = """
@@ -96,6 +105,26 @@ SELECT h.size, c.tree_size AS signed_size,
            AS checkpoint_age_s
 FROM log_head h LEFT JOIN LATERAL (
     SELECT tree_size, signed_at FROM checkpoints ORDER BY seq DESC LIMIT 1) c ON true"""
+
+# --- witnesses (witnesses.py) -----------------------------------------------------------------------------------------
+# One submitter's round, in one snapshot: the latest checkpoint, whether this witness (its verifier key, $1) cosigned
+# it, and the largest size it cosigned (its `old` size, when it has not told us another with a 409).
+WITNESS_ROUND_SQL: Final = """
+SELECT c.tree_size, c.note,
+       EXISTS (SELECT 1 FROM cosignatures w WHERE w.witness = $1 AND w.tree_size = c.tree_size) AS cosigned,
+       (SELECT coalesce(max(w.tree_size), 0) FROM cosignatures w WHERE w.witness = $1) AS witness_size
+FROM checkpoints c ORDER BY c.seq DESC LIMIT 1"""
+INSERT_COSIGNATURE_SQL: Final = """
+INSERT INTO cosignatures (tree_size, witness, line, cosigned_at) VALUES ($1, $2, $3, to_timestamp($4))
+ON CONFLICT (tree_size, witness) DO NOTHING"""
+# What the witness gauges follow, per configured witness ($1, verifier keys): the largest size it cosigned, and how
+# long the oldest checkpoint after that one has waited (NULL when it cosigned the latest), by the database's clock.
+WITNESS_STATUS_SQL: Final = """
+SELECT k.witness, coalesce(s.size, 0) AS cosigned_size,
+       extract(epoch FROM now() - (SELECT c.signed_at FROM checkpoints c WHERE c.tree_size > coalesce(s.size, 0)
+                                   ORDER BY c.tree_size LIMIT 1)) AS waiting_s
+FROM unnest($1::text[]) AS k(witness)
+LEFT JOIN LATERAL (SELECT max(w.tree_size) AS size FROM cosignatures w WHERE w.witness = k.witness) s ON true"""
 
 # --- reads ------------------------------------------------------------------------------------------------------------
 
@@ -129,6 +158,41 @@ RECENT_ENTRIES_SQL: Final = """
 SELECT j.index, j.type, j.occurred_at, sha256('\\x00'::bytea || j.leaf) AS leaf_hash
 FROM journal j ORDER BY j.index DESC LIMIT $1"""
 
+
+# --- queries with cursors (queries.account_entries, queries.account_at) -------------------------------------------
+# Entries touching an account after a position, oldest first, through postings (account, entry_index): the scan reads
+# at most $3 of the account's entries (one per entry, though it may post to the account more than once), then keeps
+# those whose occurred_at is in [$4, $5) (NULL: unbounded), at most $6. `scanned` and `last_scanned` say whether the
+# scan stopped at its bound (then the next page goes on from last_scanned) or at the account's end.
+ACCOUNT_ENTRIES_SQL: Final = """
+WITH scanned AS MATERIALIZED (
+    SELECT DISTINCT p.entry_index FROM postings p
+    WHERE p.account = $1 AND p.entry_index > $2
+    ORDER BY p.entry_index LIMIT $3),
+hits AS (
+    SELECT j.index FROM scanned s JOIN journal j ON j.index = s.entry_index
+    WHERE ($4::timestamptz IS NULL OR j.occurred_at >= $4) AND ($5::timestamptz IS NULL OR j.occurred_at < $5)
+    ORDER BY j.index LIMIT $6)
+SELECT ARRAY(SELECT index FROM hits ORDER BY index) AS hits, (SELECT count(*) FROM scanned) AS scanned,
+       (SELECT max(entry_index) FROM scanned) AS last_scanned"""
+JOURNAL_AT_SQL: Final = """
+SELECT index, event_id::text, type, occurred_at, leaf FROM journal WHERE index = ANY($1::bigint[]) ORDER BY index"""
+POSTINGS_AT_SQL: Final = """
+SELECT entry_index, account, debit, credit FROM postings WHERE entry_index = ANY($1::bigint[])
+ORDER BY entry_index, seq"""
+ACCOUNT_MOVED_SQL: Final = "SELECT EXISTS (SELECT 1 FROM accounts WHERE account = $1)"
+# An account's totals over entries 0 .. $2-1. Committed postings never change, so the sum over the first $2 entries
+# (PREFIX) is the same whenever it is read; when $2 is near the head, the running totals less the postings from $2 on
+# (SUFFIX, in one statement: one snapshot) read fewer rows. Both read the index (account, entry_index) INCLUDE
+# (debit, credit) only.
+ACCOUNT_PREFIX_SQL: Final = """
+SELECT coalesce(sum(p.debit), 0) AS debits, coalesce(sum(p.credit), 0) AS credits
+FROM postings p WHERE p.account = $1 AND p.entry_index < $2"""
+ACCOUNT_SUFFIX_SQL: Final = """
+SELECT a.debits - coalesce(s.debits, 0) AS debits, a.credits - coalesce(s.credits, 0) AS credits
+FROM accounts a, LATERAL (SELECT sum(p.debit) AS debits, sum(p.credit) AS credits FROM postings p
+                          WHERE p.account = $1 AND p.entry_index >= $2) s
+WHERE a.account = $1"""
 
 # --- views ------------------------------------------------------------------------------------------------------------
 

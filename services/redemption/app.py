@@ -15,18 +15,18 @@ from aiohttp import web
 from schemas.common import ProviderId, Timestamp, Uuid
 from schemas.limits import CONSUMER_DRAIN_S, RELAY_DRAIN_S
 from schemas.redemption import (
-    CaptureIn, Hold, HoldIn, Redemption, RedemptionDetail, RedemptionIn, Refund, RefundIn, Statement, VoidIn,
-    VoucherView,
+    CaptureIn, Hold, HoldIn, Redemption, RedemptionDetail, RedemptionIn, RedemptionPage, Refund, RefundIn, Statement,
+    VoidIn, VoucherView,
 )
 
-from services.common import db, http, idempotency, kafka, outbox, tasks
+from services.common import db, http, idempotency, kafka, outbox, paging, tasks
 from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered, of_types
 from services.common.errors import ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 
-from . import commands, sweeper
+from . import commands, queries, sweeper
 from .writer import Redemptions
 
 log = logging.getLogger("cvl.redemption")
@@ -155,9 +155,38 @@ async def get_statement(request: web.Request) -> web.Response:
     return json_response(await commands.statement(request.app[COMMANDS].pool, provider, start, end, city))
 
 
+
+REDEMPTIONS_QUERY: Final = "redemption.redemptions"
+
+
+async def list_redemptions(request: web.Request) -> web.Response:
+    """Redemptions, oldest first, in pages, optionally of one voucher and within [from, to) by created_at: a provider
+    sees its own, an auditor anyone's (a city-scoped auditor: that city's vouchers'), an admin anyone's."""
+    who = principal(request)
+    require(who, "provider", "auditor", "admin")
+    voucher_id = param(request, "voucher_id", Uuid, query=True, default=None)
+    start, end = paging.period(request)
+    limit = paging.limit(request)
+    provider = _as_provider(who)
+    city = who.city if who.role == "auditor" else None
+    pool = request.app[COMMANDS].pool
+    filters = {"voucher_id": voucher_id, "from": start, "to": end, "provider": provider, "city": city}
+    pos = await paging.position(request, pool, REDEMPTIONS_QUERY, filters)
+    after = None if pos is None else tuple(paging.check_position(pos, Timestamp, Uuid))
+    page = await queries.redemptions(pool, provider=provider, voucher_id=voucher_id, city=city, start=start, end=end,
+                                     after=after, limit=limit)  # type: ignore[arg-type]
+    last = None if page.last is None else [page.last[0].isoformat(), page.last[1]]
+    return json_response(RedemptionPage(
+        redemptions=page.redemptions, next_cursor=await paging.next_cursor(pool, REDEMPTIONS_QUERY, filters, last)))
+
 ROUTES: Final = [
     Route("POST", "/v1/redemptions", redeem, "Redeem part of a voucher now, as the token's provider", ("provider",),
           RedemptionIn, Redemption, 201),
+    Route("GET", "/v1/redemptions", list_redemptions,
+          "Redemptions (captures included), oldest first, optionally of one voucher and with created_at in "
+          "[from, to); a provider's own, or (auditor, admin) anyone's; pages by cursor",
+          ("provider", "auditor", "admin"), None, RedemptionPage,
+          params={"voucher_id": Uuid, **paging.PERIOD_PARAMS, **paging.PAGE_PARAMS}),
     Route("GET", "/v1/redemptions/{redemption_id}", get_redemption,
           "A redemption (or captured hold) with what was refunded of it", ("provider", "admin", "auditor"), None,
           RedemptionDetail, params={"redemption_id": Uuid}),

@@ -332,3 +332,20 @@ def statement_of(provider: str, city: str | None, start: dt.datetime | None, end
                                             redeemed=int(totals["redeemed"]), refunded=int(totals["refunded"]),
                                             net=int(totals["redeemed"]) - int(totals["refunded"])),
                      truncated=truncated)
+
+
+# --- queries: redemptions in pages (GET /v1/redemptions), keyset (created_at, redemption_id) -------------------------
+# [$4, $5) is the period (the caller passes the widest times for an unbounded side), ($2, $3) the position after
+# which the page starts; $6 a city (a city-scoped auditor) or NULL. One statement per access path, so that each plan
+# keeps its index: a provider's (redemptions_provider_created_at, then sorted by id within a created_at), a voucher's
+# (redemptions_voucher; $1 a provider or NULL), or everyone's (redemptions_created; $1 NULL).
+_LIST_REDEMPTIONS: Final = f"""
+SELECT {_REDEMPTION_FIELDS} FROM redemptions r
+WHERE {{which}} AND r.created_at >= greatest($2::timestamptz, $4::timestamptz) AND r.created_at < $5
+  AND (r.created_at, r.redemption_id) > ($2, $3::uuid)
+  AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM vouchers v WHERE v.voucher_id = r.voucher_id AND v.city = $6))
+ORDER BY r.created_at, r.redemption_id LIMIT $7"""
+LIST_PROVIDER_REDEMPTIONS_SQL: Final = _LIST_REDEMPTIONS.format(which="r.provider = $1")
+LIST_VOUCHER_REDEMPTIONS_SQL: Final = _LIST_REDEMPTIONS.format(
+    which="r.voucher_id = $8::uuid AND ($1::text IS NULL OR r.provider = $1)")
+LIST_ALL_REDEMPTIONS_SQL: Final = _LIST_REDEMPTIONS.format(which="($1::text IS NULL OR r.provider = $1)")
