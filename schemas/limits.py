@@ -102,6 +102,7 @@ OUTBOX_STATS_INTERVAL_S: Final = 1.0       # how often the relay refreshes its p
 CONSUMER_BATCH_MAX: Final = 2000           # events one consumer poll takes
 CONSUMER_TRANSACTION_WEIGHT_MAX: Final = 2000  # work one consumer transaction applies (a batch mint: its vouchers)
 CONSUMER_POLL_MS: Final = 200
+CONSUMER_COMMIT_INTERVAL_S: Final = 0.5    # a consumer commits its offsets at most this often (and when it stops)
 CONSUMER_FETCH_MIN_BYTES: Final = 64 * 1024  # a fetch waits for this much ...
 CONSUMER_FETCH_WAIT_MS: Final = 20          # ... or this long (the latency it may add per hop when idle)
 CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects

@@ -70,8 +70,17 @@ async def eventually(check, timeout_s: float = EVENTUALLY_TIMEOUT_S, interval_s:
     raise TimeoutError("condition not met in time")
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
-    """Every message now on `topic` (all partitions, from the beginning up to the current end)."""
+def _is_event(value: bytes) -> bool:
+    try:
+        return isinstance(_json.loads(value), dict)
+    except ValueError:
+        return False
+
+
+async def read_topic(bootstrap: str, topic: str, *, events_only: bool = True) -> list[tuple[bytes | None, bytes]]:
+    """Every message now on `topic` (all partitions, from the beginning up to the current end). With `events_only`,
+    messages that are not JSON objects are left out: tests/test_prometheus.py puts one on the session stack's topic
+    on purpose (a dead letter), and it is no event."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
@@ -91,7 +100,7 @@ async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, byt
                 out.extend((r.key, r.value) for r in records)
                 if records and records[-1].offset >= end[tp] - 1:
                     remaining.discard(tp)
-        return out
+        return [(k, v) for k, v in out if _is_event(v)] if events_only else out
     finally:
         await consumer.stop()
 

@@ -25,7 +25,7 @@ from schemas.events import Event, VouchersMinted, decode_event
 from . import metrics
 from .settings import Settings
 from schemas.limits import (
-    CONSUMER_BATCH_MAX, CONSUMER_TRANSACTION_WEIGHT_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
+    CONSUMER_BATCH_MAX, CONSUMER_COMMIT_INTERVAL_S, CONSUMER_TRANSACTION_WEIGHT_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
     CONSUMER_RESTART_DELAY_S, CONSUMER_STALLED_LAG_TIMEOUT_S, KAFKA_REQUEST_TIMEOUT_MS,
 )
 
@@ -110,16 +110,22 @@ class Consumer:
             try:
                 await consumer.start()
                 log.info("consumer started", extra={"group": self.group, "topics": self.topics})
+                # Offsets are committed after the database, at most every CONSUMER_COMMIT_INTERVAL_S (each commit is
+                # a broker request and a write to its offsets topic), and when the consumer stops. What a crash or
+                # a rebalance leaves uncommitted is redelivered, and skipped: the database knows it was applied.
+                uncommitted, next_commit = False, 0.0
                 while not self._stopping:
                     batches = await consumer.getmany(timeout_ms=CONSUMER_POLL_MS, max_records=CONSUMER_BATCH_MAX)
                     records = [r for part in batches.values() for r in part]
                     if records:
                         await self._apply(records)
-                        try:
-                            await consumer.commit()
-                        except CommitFailedError:
-                            log.warning("offset commit failed after a rebalance; the batch will be skipped on redelivery")
+                        uncommitted = True
+                    if uncommitted and time.monotonic() >= next_commit:
+                        await self._commit(consumer)
+                        uncommitted, next_commit = False, time.monotonic() + CONSUMER_COMMIT_INTERVAL_S
                     await self._record_lag(consumer)
+                if uncommitted:
+                    await self._commit(consumer)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -128,6 +134,13 @@ class Consumer:
                 await asyncio.sleep(CONSUMER_RESTART_DELAY_S)
             finally:
                 await consumer.stop()
+
+    @staticmethod
+    async def _commit(consumer: AIOKafkaConsumer) -> None:
+        try:
+            await consumer.commit()
+        except CommitFailedError:
+            log.warning("offset commit failed after a rebalance; the batches will be skipped on redelivery")
 
     async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
         if time.monotonic() < self._next_lag:  # a gauge: once per interval, not per batch
