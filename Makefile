@@ -27,10 +27,12 @@ help:
 
 venv: $(STAMP)
 
-# pip runs again only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml
+# pip runs again only when a pyproject.toml is newer than the stamp. The client package (clients/python) is installed
+# beside the project, editable: `cvl`'s provider, issuer and monitor commands are built on it, and the tests use it.
+# (Not a dev extra: pip takes no relative path in a dependency.)
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev]' -e ./clients/python
 	@touch $@
 
 infra:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The three Python services: deploy/services.sh start|stop|status
+# The three Python services and our witness: deploy/services.sh start|stop|status
 #
 # Each service runs as `.venv/bin/python -m services.<name>` in its own
 # session, with the environment of .run/env (written by pg.sh/kafka.sh),
@@ -8,10 +8,11 @@
 set -euo pipefail
 
 # ---- constants --------------------------------------------------------------
-readonly SERVICES=(issuing redemption ledger)
+readonly SERVICES=(witness issuing redemption ledger)   # the witness first: the ledger submits to it
 readonly DEFAULT_ISSUING_PORT=8081
 readonly DEFAULT_REDEMPTION_PORT=8082
 readonly DEFAULT_LEDGER_PORT=8083
+readonly DEFAULT_WITNESS_PORT=8084
 readonly READY_TIMEOUT_S=60     # all services answering /readyz with 200
 readonly READY_PROBE_TIMEOUT_S=2
 readonly STOP_TIMEOUT_S=20      # SIGTERM grace period before SIGKILL
@@ -36,6 +37,7 @@ port_of() {
     issuing)    echo "${CVL_ISSUING_PORT:-$DEFAULT_ISSUING_PORT}" ;;
     redemption) echo "${CVL_REDEMPTION_PORT:-$DEFAULT_REDEMPTION_PORT}" ;;
     ledger)     echo "${CVL_LEDGER_PORT:-$DEFAULT_LEDGER_PORT}" ;;
+    witness)    echo "${CVL_WITNESS_PORT:-$DEFAULT_WITNESS_PORT}" ;;
     *) die "unknown service $1" ;;
   esac
 }
@@ -100,10 +102,20 @@ cmd_start() {
   source "$ENV_FILE"
   set +a
   # The services and this script must agree on the ports.
-  export CVL_ISSUING_PORT CVL_REDEMPTION_PORT CVL_LEDGER_PORT
+  export CVL_ISSUING_PORT CVL_REDEMPTION_PORT CVL_LEDGER_PORT CVL_WITNESS_PORT
   CVL_ISSUING_PORT="$(port_of issuing)"
   CVL_REDEMPTION_PORT="$(port_of redemption)"
   CVL_LEDGER_PORT="$(port_of ledger)"
+  CVL_WITNESS_PORT="$(port_of witness)"
+
+  # Our witness (C2SP tlog-witness) trusts the log's verifier key; the ledger submits its checkpoints to the witness
+  # under the witness's verifier key. Both keys are created once (.run/log.key, .run/witness.key), before either
+  # process starts. A CVL_WITNESSES or CVL_WITNESS_LOG_KEYS already set is kept.
+  local log_key witness_key
+  log_key="$("$PYTHON" -m services.ledger.notes)" || die "reading the log key failed"
+  witness_key="$("$ROOT/.venv/bin/cvl" witness key)" || die "cvl witness key failed"
+  export CVL_WITNESS_LOG_KEYS="${CVL_WITNESS_LOG_KEYS-$log_key}"
+  export CVL_WITNESSES="${CVL_WITNESSES-$witness_key=http://127.0.0.1:$CVL_WITNESS_PORT}"
 
   # Token keys: the private signing set stays with `cvl token` (.run/token-signing.jwk); the services read only
   # the public JWK Set it writes (.run/token-jwks.json). Creates them on first start, changes nothing after.

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from .limits import (
-    AMOUNT_MAX, AMOUNT_MIN, BENEFICIARY_LENGTH_MAX, HOLD_TIMEOUT_S_MAX, HOLD_TIMEOUT_S_MIN, ID_LENGTH_MAX,
+    AMOUNT_MAX, AMOUNT_MIN, BENEFICIARY_LENGTH_MAX, BIGINT_MAX, HOLD_TIMEOUT_S_MAX, HOLD_TIMEOUT_S_MIN, ID_LENGTH_MAX,
     INVOICE_NUMBER_LENGTH_MAX, NAME_LENGTH_MAX, REASON_LENGTH_MAX, SUBSIDY_RATIO_BP_MAX, YEAR_MAX, YEAR_MIN,
 )
 
@@ -27,6 +27,9 @@ ProgramId = Annotated[str, Meta(pattern=ID_PATTERN, description="Voucher program
 PurposeId = Annotated[str, Meta(pattern=ID_PATTERN, description="What a program funds, e.g. speech-training")]
 # The first release's one budget per city and year is this program's: every call without `program` means it.
 DEFAULT_PROGRAM: Final = "default"
+# A budget's step number: 1, 2, 3... per (city, program, year), no gaps (CONTRACT.md, "The budget invariant").
+BudgetSeq = Annotated[int, Meta(ge=1, le=BIGINT_MAX, description="The budget's step, 1, 2, 3... per (city, program, "
+                                                                 "year), no gaps")]
 Year = Annotated[int, Meta(ge=YEAR_MIN, le=YEAR_MAX, description="Fiscal year")]
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="A lowercase UUID")]
 Name = Annotated[str, Meta(min_length=1, max_length=NAME_LENGTH_MAX)]

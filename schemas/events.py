@@ -3,6 +3,12 @@
 Evolution rules: new fields get defaults, existing fields never change type, unknown fields are ignored by readers.
 Every event that concerns a budget or a voucher carries `program` (the city's voucher scheme); first-release events
 lack it and mean the `default` program.
+
+Budget history (CONTRACT.md, "The budget invariant, provable from the log alone"): every event that is a step of a
+budget (BudgetSet, VoucherMinted, VouchersMinted, BudgetReturned, BudgetCarried) carries `budget_seq` (1, 2, 3... per
+(city, program, year), no gaps) and the budget's `budget_amount` and `budget_committed` after the step, written in
+the transaction that made the change. They are optional on the events that predate them (None: an event written
+before budget history).
 """
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ import msgspec
 from msgspec import Meta
 
 from .common import (
-    DEFAULT_PROGRAM, Amount, Beneficiary, CityId, Currency, Fen, FenDelta, InvoiceNumber, Name, ProgramId, ProviderId,
-    PurposeId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
+    DEFAULT_PROGRAM, Amount, Beneficiary, BudgetSeq, CityId, Currency, Fen, FenDelta, InvoiceNumber, Name, ProgramId,
+    ProviderId, PurposeId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
 )
 from .limits import AMOUNT_MAX, PURPOSES_PER_PROGRAM_MAX, TOKEN_JTI_LENGTH_MAX, VOUCHERS_PER_EVENT_MAX
 
@@ -58,6 +64,10 @@ class BudgetSetData(msgspec.Struct, kw_only=True):
     enterprise_cap: Fen | None = None
     year_end: YearEnd = "lapse"
     program: ProgramId = DEFAULT_PROGRAM
+    # The budget's step (module docstring): amount = `amount`, committed unchanged.
+    budget_seq: BudgetSeq | None = None
+    budget_amount: Fen | None = None
+    budget_committed: Fen | None = None
 
 
 
@@ -82,6 +92,11 @@ class VoucherMintedData(msgspec.Struct, kw_only=True):
     # latest policy (from BudgetSet) at expiry, and this one when it has seen none.
     year_end: YearEnd = "lapse"
     program: ProgramId = DEFAULT_PROGRAM
+    # The budget's step (module docstring): committed rose by `amount`, even when a writer batch commits many
+    # single mints in one transaction (each its own step, in the batch's order).
+    budget_seq: BudgetSeq | None = None
+    budget_amount: Fen | None = None
+    budget_committed: Fen | None = None
 
 
 
@@ -112,6 +127,10 @@ class VouchersMintedData(msgspec.Struct, kw_only=True):
     year_end: YearEnd = "lapse"
     amount: Annotated[int, Meta(ge=1, le=VOUCHERS_PER_EVENT_MAX * AMOUNT_MAX, description="The vouchers' amounts, summed")]
     vouchers: Annotated[list[MintedVoucher], Meta(min_length=1, max_length=VOUCHERS_PER_EVENT_MAX)]
+    # The budget's step (module docstring): one event is one step, committed rose by `amount`.
+    budget_seq: BudgetSeq | None = None
+    budget_amount: Fen | None = None
+    budget_committed: Fen | None = None
 
 
 class VoucherRevokedData(msgspec.Struct, kw_only=True):
@@ -152,6 +171,23 @@ class BudgetCarriedData(msgspec.Struct, kw_only=True):
     voucher_id: Uuid
     amount: Fen                     # what was carried
     budget_amount: Fen              # the raised budget's amount after the step
+    budget_committed: Fen
+    budget_seq: BudgetSeq | None = None   # the raised budget's step (module docstring): amount rose by `amount`
+
+
+class BudgetReturnedData(msgspec.Struct, kw_only=True):
+    """A revocation's return, the budget's side: the issuing service consumed a VoucherFrozen and gave `amount` (its
+    `returned`) back to the budget of the voucher's (city, program, year): committed fell by `amount`. Keyed by city
+    and written in the transaction that lowered committed. The postings are on the VoucherFrozen entry (voucher ->
+    budget); this entry records the budget's step and carries none (as BudgetCarried)."""
+
+    city: CityId
+    program: ProgramId = DEFAULT_PROGRAM
+    year: Year
+    voucher_id: Uuid
+    amount: Amount                  # what came back
+    budget_seq: BudgetSeq
+    budget_amount: Fen              # the budget after the step
     budget_committed: Fen
 
 
@@ -263,6 +299,10 @@ class BudgetCarried(Envelope, tag="BudgetCarried"):
     data: BudgetCarriedData
 
 
+class BudgetReturned(Envelope, tag="BudgetReturned"):
+    data: BudgetReturnedData
+
+
 class ProviderSet(Envelope, tag="ProviderSet"):
     data: ProviderSetData
 
@@ -324,7 +364,7 @@ Event = Union[
     CitySet, BudgetSet, ProviderSet, VoucherMinted, VoucherRevoked, VoucherExpired,
     VoucherRedeemed, HoldPlaced, HoldCaptured, HoldVoided, RedemptionRefunded, VoucherFrozen, ProgramSet, BudgetCarried,
     TokenRevoked,
-    VouchersMinted,
+    VouchersMinted, BudgetReturned,
 ]
 EVENT_TYPES: Final[tuple[type[Envelope], ...]] = Event.__args__  # type: ignore[attr-defined]
 

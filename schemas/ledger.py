@@ -45,13 +45,29 @@ class Posting(msgspec.Struct, kw_only=True, array_like=False):
     credit: Total
 
 
-class Entry(msgspec.Struct, kw_only=True):
+class EntryBudget(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The budget step an entry records (its leaf is leaf v2): the budget (city, program, year) after its step `seq`,
+    and what a BudgetCarried carried or a BudgetReturned returned."""
+
+    city: CityId
+    program: ProgramId
+    year: Year
+    seq: int
+    amount: Total
+    committed: Total
+    carried: Total | None = None
+    returned: Total | None = None
+
+
+class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
     index: int
     event_id: Uuid
     type: str
     occurred_at: Timestamp
     postings: list[Posting]
     leaf: str
+    # Only on an entry that is a step of a budget (leaf v2), read from its leaf.
+    budget: EntryBudget | None = None
 
 
 class Entries(msgspec.Struct, kw_only=True):

@@ -267,6 +267,24 @@ def cmd_witness_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_commands(sub, audit) -> None:
+    """The calls of every role (voucher, redeem, hold, refund, statement, audit monitor) come from the client package
+    (clients/python, installed by `make venv`): the CLI is their one implementation, on top of cvl_client. Without
+    the package, they say how to get it."""
+    try:
+        from cvl_client import cli as client_cli
+    except ImportError:
+        def missing(args: argparse.Namespace) -> int:
+            print("this command needs the client package: pip install ./clients/python", file=sys.stderr)
+            return 2
+        for name in ("voucher", "redeem", "hold", "refund", "statement"):
+            sub.add_parser(name, help="needs ./clients/python").set_defaults(func=missing)
+        audit.add_parser("monitor", help="needs ./clients/python").set_defaults(func=missing)
+        return
+    client_cli.add_commands(sub)
+    client_cli.add_audit_commands(audit)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cvl", description="Compute voucher ledger tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -329,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     wkey = witness.add_parser("key", help="print the witness's verifier key (creating its key once)")
     wkey.add_argument("--name", help="the witness's key name (default $CVL_WITNESS_NAME, else cvl.example/witness)")
     wkey.set_defaults(func=cmd_witness_key)
+
+    _client_commands(sub, audit)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -370,13 +370,15 @@ def write_lines(path: Path, lines: list[dict]) -> Path:
 
 
 def leaf_json(entry: dict) -> dict:
+    """The JSON of a leaf, v1 or (with a budget step) v2."""
     raw = base64.b64decode(entry["leaf"])
-    assert raw.startswith(b"cvl-leaf-v1\n")
+    assert raw.startswith((b"cvl-leaf-v1\n", b"cvl-leaf-v2\n"))
     return json.loads(raw[len(b"cvl-leaf-v1\n"):])
 
 
 def set_leaf(entry: dict, body: dict) -> None:
-    raw = b"cvl-leaf-v1\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    version = b"cvl-leaf-v2\n" if "budget" in body else b"cvl-leaf-v1\n"
+    raw = version + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     entry["leaf"] = base64.b64encode(raw).decode()
 
 
@@ -579,7 +581,8 @@ async def test_a_row_and_its_leaf_rewritten_together_in_postgresql_break_the_sig
     body = leaf_json(entry)
     for q in body["postings"]:
         q["debit" if q["debit"] else "credit"] += 7
-    forged = b"cvl-leaf-v1\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    version = base64.b64decode(entry["leaf"])[:len(b"cvl-leaf-v1\n")]  # v2: the mint is a budget step
+    forged = version + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     conn = await asyncpg.connect(stack.dsn)
     try:
         async with conn.transaction():

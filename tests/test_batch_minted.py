@@ -28,7 +28,7 @@ from services.common import db, outbox
 from services.common.consumer import Delivered
 from services.common.settings import Settings
 from services.issuing import commands as issuing_commands
-from services.issuing.domain import BudgetKey
+from services.issuing.domain import BudgetKey, BudgetStep, Steps
 from services.redemption import commands
 from services.stack import scratch_database
 from tests.harness import eventually, read_topic
@@ -107,7 +107,8 @@ def test_a_batch_travels_as_events_of_at_most_100_vouchers_each_within_a_kafka_r
     vouchers = [ev.MintedVoucher(voucher_id=str(uuid.uuid4()), beneficiary="b", kind="compute", amount=1 + i,
                                  subsidy_ratio_bp=5000, providers=long_list if i % 10 else None,
                                  expires_at=at) for i in range(VOUCHERS_PER_EVENT_MAX)]
-    events = issuing_commands._batch_events(key, vouchers, "lapse", "issuer:wuxi", at)
+    steps = Steps({key: BudgetStep(seq=41, amount=10**9, committed=100)})
+    events = issuing_commands._batch_events(key, vouchers, "lapse", "issuer:wuxi", at, steps)
     assert len(events) > 1
     decoded = [msgspec.json.decode(e.payload, type=ev.Event) for e in events]
     assert all(len(e.payload) <= KAFKA_RECORD_BYTES_MAX and e.key == "wuxi" and e.type == "VouchersMinted"
@@ -115,9 +116,14 @@ def test_a_batch_travels_as_events_of_at_most_100_vouchers_each_within_a_kafka_r
     assert [v.voucher_id for d in decoded for v in d.data.vouchers] == [v.voucher_id for v in vouchers]
     assert [d.data.amount for d in decoded] == [sum(v.amount for v in d.data.vouchers) for d in decoded]
     assert len({d.event_id for d in decoded}) == len(decoded)
+    # Each part that goes out is one step of the budget, in order (none is taken for the halves' parent).
+    assert [d.data.budget_seq for d in decoded] == list(range(42, 42 + len(decoded)))
+    assert [d.data.budget_committed for d in decoded] == [
+        100 + sum(x.data.amount for x in decoded[:i + 1]) for i in range(len(decoded))]
+    assert {d.data.budget_amount for d in decoded} == {10**9} and steps.count[key] == len(decoded)
     # Short lists: one event for all of them.
     short = [msgspec.structs.replace(v, providers=None) for v in vouchers]
-    assert len(issuing_commands._batch_events(key, short, "lapse", "issuer:wuxi", at)) == 1
+    assert len(issuing_commands._batch_events(key, short, "lapse", "issuer:wuxi", at, steps)) == 1
 
 
 # --- a revocation before its batch mint (redemption service, consumer handler called directly) -------------------

@@ -511,3 +511,22 @@ def test_a_fast_path_event_outside_its_forms_takes_the_general_path():
                 with_data(redeemed(5), provider="a\\b"), with_data(minted(5), city="wu\nxi")):
         with pytest.raises((AssertionError, ValueError)):
             domain.journal_batch(0, [bad], set())
+
+
+def test_mints_with_budget_steps_take_leaf_v2_on_the_fast_path_byte_for_byte():
+    """A mint that carries its budget's step is written as leaf v2 by the fast path exactly as the general path writes
+    it; a redemption stays leaf v1; a step without its totals is set aside."""
+    steps = dict(budget_seq=7, budget_amount=10_000, budget_committed=1_500)
+    story = [with_data(budget_set(10_000), **steps), with_data(minted(500), **steps), redeemed(3),
+             with_data(batch_minted(1_000, 5), budget_seq=8, budget_amount=10_000, budget_committed=2_505),
+             in_program(with_data(minted(70), **steps)), with_data(minted(5), year=YEAR_MAX, **steps)]
+    for size in (0, 255, 10**12):
+        batch = domain.journal_batch(size, story, set())
+        assert batch == _reference_batch(size, story)
+        assert [e.leaf[:12] for e in batch.entries] == [domain.LEAF_V2_PREFIX] * 2 + [domain.LEAF_V1_PREFIX] + \
+            [domain.LEAF_V2_PREFIX] * 3
+    step = domain.leaf_budget(domain.journal_entry(0, story[1]).leaf)
+    assert (step.city, step.program, step.year, step.seq, step.amount, step.committed) == (
+        CITY, "default", YEAR, 7, 10_000, 1_500)
+    batch = domain.journal_batch(0, [with_data(minted(5), budget_seq=3)], set())
+    assert [p for p, _ in batch.rejected] == [0] and "without the budget's amount" in str(batch.rejected[0][1])

@@ -18,6 +18,8 @@ SERVICES = ROOT / "services"
 SCHEMAS = ROOT / "schemas"
 LOAD = ROOT / "load"
 LIMITS = SCHEMAS / "limits.py"
+CLIENT = ROOT / "clients" / "python" / "cvl_client"
+CLIENT_LIMITS = CLIENT / "limits.py"
 OUR_PACKAGES = ("schemas", "services", "tests", "load")
 LIMIT_SUFFIXES = ("_MAX", "_MIN", "_S", "_MS")
 
@@ -130,3 +132,45 @@ def test_every_limit_is_named_once_in_the_limits_module():
                 if isinstance(target, ast.Name) and target.id.endswith(LIMIT_SUFFIXES) and _is_number(value):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {target.id}")
     assert found == [], "limits named outside schemas/limits.py"
+
+
+# --- the client package (clients/python): installable alone --------------------------------------------------------
+
+def client_imports(path: Path) -> list[tuple[int, str]]:
+    """Absolute imports of a client module (its relative imports stay inside cvl_client)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append((node.lineno, node.module or ""))
+    return found
+
+
+def test_the_client_imports_nothing_of_the_server():
+    paths = sorted(CLIENT.rglob("*.py"))
+    assert paths
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {m}" for p in paths for line, m in client_imports(p)
+           if any(within(m, ours) for ours in OUR_PACKAGES)]
+    assert bad == []
+
+
+def test_only_the_cli_of_the_server_uses_the_client():
+    paths = [p for p in sources(SERVICES, SCHEMAS, LOAD) if p != SERVICES / "cli.py"]
+    assert violations(paths, lambda m: within(m, "cvl_client")) == []
+
+
+def test_the_clients_limits_are_named_once_in_its_limits_module():
+    found = []
+    for path in sorted(CLIENT.rglob("*.py")):
+        if path == CLIENT_LIMITS:
+            continue
+        for node in ast.parse(path.read_text(), str(path)).body:
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else [])
+            value = getattr(node, "value", None)
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id.endswith(LIMIT_SUFFIXES) and _is_number(value):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {target.id}")
+    assert found == [], "client limits named outside cvl_client/limits.py"

@@ -378,3 +378,95 @@ async def test_the_ledger_gets_and_serves_cosignatures_and_verify_requires_the_q
         stack.kill(replica, signal.SIGTERM)
         stack.kill(ours, signal.SIGTERM)
         await liar_server.close()
+
+
+# --- a witness nobody here wrote: litewitness (filippo.io/torchwood v0.6.1) -------------------------------------------
+
+def torchwood_tools() -> Path:
+    """litewitness and witnessctl built from source with the Go toolchain on this machine, through the Go module
+    proxy (GOPROXY as the environment has it), cached under .run/tools/ (a fresh machine builds them once)."""
+    if all((TOOLS / tool).exists() for tool in ("litewitness", "witnessctl")):
+        return TOOLS
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).exists():
+        pytest.fail("the Go toolchain is needed to build litewitness (filippo.io/torchwood)")
+    TOOLS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GOBIN": str(TOOLS), "GOFLAGS": "-mod=mod -buildvcs=false"}
+    done = subprocess.run([go, "install", f"{TORCHWOOD}/cmd/litewitness@{TORCHWOOD_VERSION}",
+                           f"{TORCHWOOD}/cmd/witnessctl@{TORCHWOOD_VERSION}"], env=env, cwd=TOOLS,
+                          capture_output=True, text=True, timeout=GO_BUILD_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    return TOOLS
+
+
+async def test_litewitness_cosigns_our_checkpoints_and_our_verifier_accepts_it(stack, api, world_factory, tmp_path):
+    tools = torchwood_tools()
+    ledger = stack.url("ledger")
+    log_vkey = (await text_of(api, f"{ledger}/v1/log/key")).strip()
+    origin = log_vkey.split("+", 1)[0]
+
+    # Its key lives in an ssh-agent of its own (litewitness signs through the agent protocol): a fresh Ed25519 key.
+    ssh_key = tmp_path / "litewitness.pem"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "litewitness-test", "-f", str(ssh_key)],
+                   check=True, timeout=30)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    witness = None
+    replica = None
+    try:
+        await eventually(lambda: asyncio.sleep(0, sock.exists()), timeout_s=10)
+        agent_env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(ssh_key)], env=agent_env, check=True, timeout=30, capture_output=True)
+        fingerprint = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", f"{ssh_key}.pub"], check=True,
+                                     capture_output=True, text=True, timeout=30).stdout.split()[1]
+
+        # witnessctl: our log, by its origin, trusted under its verifier key.
+        db = tmp_path / "litewitness.db"
+        for args in (["add-log", "-db", str(db), "-origin", origin],
+                     ["add-key", "-db", str(db), "-origin", origin, "-key", log_vkey]):
+            done = subprocess.run([str(tools / "witnessctl"), *args], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+        listed = subprocess.run([str(tools / "witnessctl"), "list-logs", "-db", str(db)], capture_output=True,
+                                text=True, timeout=30, check=True).stdout
+        assert json.loads(listed.splitlines()[0])["keys"] == [log_vkey]
+
+        port = free_port()
+        log_file = tmp_path / "litewitness.log"
+        with open(log_file, "wb") as out:
+            witness = subprocess.Popen([str(tools / "litewitness"), "-db", str(db), "-name", "litewitness.test/w1",
+                                        "-key", fingerprint, "-ssh-agent", str(sock),
+                                        "-listen", f"127.0.0.1:{port}"],
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        async def its_key():
+            assert witness.poll() is None, log_file.read_text()
+            match = re.search(r"vkey=(\S+)", log_file.read_text())
+            return match.group(1) if match else None
+        wkey = await eventually(its_key, timeout_s=20)
+        assert audit_note.parse_witness_key(wkey).name == "litewitness.test/w1"
+
+        replica = stack.start("ledger", extra_env={"CVL_WITNESSES": f"{wkey}=http://127.0.0.1:{port}"})
+        await stack.wait_ready(replica)
+        world = await world_factory(1_000_000)
+        assert (await world.mint(700)).status == 201
+        first = await cosigned(api, ledger, wkey)
+        size = int(notes.note_body(first).split("\n")[1])
+        # The log grows: the next checkpoint is cosigned too (old size and consistency proof accepted).
+        assert (await world.mint(800)).status == 201
+        await cosigned(api, ledger, wkey, above=size)
+        logs = json.loads(subprocess.run([str(tools / "witnessctl"), "list-logs", "-db", str(db)], check=True,
+                                         capture_output=True, text=True, timeout=30).stdout.splitlines()[0])
+        assert logs["size"] > size
+
+        done = cvl("audit", "verify", "--url", ledger, "--key", log_vkey, "--witness", wkey, "--quiet",
+                   env={"CVL_TOKEN": stack.token("auditor")})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "litewitness.test/w1" in done.stdout
+    finally:
+        if replica is not None:
+            stack.kill(replica, signal.SIGTERM)
+        for p in (witness, agent):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(10)

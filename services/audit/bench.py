@@ -6,7 +6,8 @@ The export is written the way `cvl audit export` writes one (entries as the ledg
 every CHECKPOINT_EVERY entries, trailer), by a tiny model of the ledger: budgets, mints, redemptions, holds (placed,
 captured, voided), refunds, revocations and expiries with the postings the ledger documents, signed with a throwaway
 Ed25519 key. With `programs`, each city also runs a second program (`model`) whose expired vouchers carry their unspent
-value to the next year's budget of that program (then a BudgetCarried entry). It then times the verification and prints
+value to the next year's budget of that program (then a BudgetCarried entry). Budget settings, mints, returns (a
+BudgetReturned after each VoucherFrozen) and carries are budget steps (leaf v2). It then times the verification and prints
 entries/s and seconds per million. This model is a benchmark fixture, not a reference: the tests check the verifier
 against the real ledger.
 """
@@ -34,6 +35,7 @@ CHECKPOINT_EVERY: Final = 10_000
 ORIGIN: Final = "bench.cvl.example/ledger"
 YEAR: Final = 2026
 LEAF_PREFIX: Final = b"cvl-leaf-v1\n"
+LEAF_V2_PREFIX: Final = b"cvl-leaf-v2\n"
 
 
 class ServedPosting(msgspec.Struct):
@@ -42,13 +44,25 @@ class ServedPosting(msgspec.Struct):
     credit: int
 
 
-class ServedEntry(msgspec.Struct):
+class LeafBudget(msgspec.Struct, kw_only=True, omit_defaults=True):
+    amount: int
+    carried: int | None = None
+    city: str
+    committed: int
+    program: str
+    returned: int | None = None
+    seq: int
+    year: int
+
+
+class ServedEntry(msgspec.Struct, omit_defaults=True):
     index: int
     event_id: str
     type: str
     occurred_at: dt.datetime
     postings: list[ServedPosting]
     leaf: str
+    budget: LeafBudget | None = None
 
 
 class LeafPosting(msgspec.Struct):
@@ -58,6 +72,15 @@ class LeafPosting(msgspec.Struct):
 
 
 class LeafBody(msgspec.Struct):
+    event_id: str
+    index: int
+    occurred_at: str
+    postings: list[LeafPosting]
+    type: str
+
+
+class LeafBodyV2(msgspec.Struct):
+    budget: LeafBudget
     event_id: str
     index: int
     occurred_at: str
@@ -101,7 +124,18 @@ class Model:
         self.redemptions: list[tuple[str, str, int]] = []
         self.accounts: dict[str, list[int]] = {}         # account -> [debits, credits]
         self.reports: dict[tuple[str, int, str], dict[str, int]] = {}
+        self.budgets: dict[tuple[str, str, int], list[int]] = {}  # (city, program, year) -> [seq, amount, committed]
+        self.step: LeafBudget | None = None  # the budget step of the event just yielded
         self.time = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+
+    def budget_step(self, city: str, program: str, year: int = YEAR, *, amount: int = 0, committed: int = 0,
+                    **extra: int) -> None:
+        """The next step of a budget: its amount and committed raised by these; set as `self.step`."""
+        b = self.budgets.setdefault((city, program, year), [0, 0, 0])
+        b[0] += 1
+        b[1] += amount
+        b[2] += committed
+        self.step = LeafBudget(amount=b[1], city=city, committed=b[2], program=program, seq=b[0], year=year, **extra)
 
     def report(self, city: str, program: str = "default", year: int = YEAR) -> dict[str, int]:
         return self.reports.setdefault((city, year, program), dict.fromkeys(
@@ -119,6 +153,7 @@ class Model:
         for city in self.cities:
             for program in programs:
                 self.report(city, program)["budget"] += 10**15
+                self.budget_step(city, program, amount=10**15)
                 yield "BudgetSet", [(city_year("appropriation", city, program), 10**15, 0),
                                     (city_year("budget", city, program), 0, 10**15)]
         while True:
@@ -133,6 +168,7 @@ class Model:
                 rep = self.report(city, program)
                 rep["issued"] += amount
                 rep["outstanding"] += amount
+                self.budget_step(city, program, committed=amount)
                 yield "VoucherMinted", [(city_year("budget", city, program), amount, 0), (f"voucher:{vid}", 0, amount)]
                 continue
             vid, city, _ = self.vouchers[rng.randrange(max(0, len(self.vouchers) - 5000), len(self.vouchers))]
@@ -185,6 +221,8 @@ class Model:
                     rep["revoked"] += left
                     rep["outstanding"] -= left
                     yield "VoucherFrozen", [(f"voucher:{vid}", left, 0), (city_year("budget", city, program), 0, left)]
+                    self.budget_step(city, program, committed=-left, returned=left)
+                    yield "BudgetReturned", []
                 elif program == CARRYING_PROGRAM:
                     rep["expired"] += left
                     rep["carried_out"] += left
@@ -194,6 +232,7 @@ class Model:
                     following["carried_in"] += left
                     yield "VoucherExpired", [(f"voucher:{vid}", left, 0),
                                              (city_year("budget", city, program, YEAR + 1), 0, left)]
+                    self.budget_step(city, program, YEAR + 1, amount=left, carried=left)
                     yield "BudgetCarried", []
                 else:
                     rep["expired"] += left
@@ -238,19 +277,22 @@ def write_synthetic_export(path: Path, entries: int, *, seed: int = 2026, cities
         events = model.events()
         lines = []
         for index in range(entries):
+            model.step = None
             type_, postings = next(events)
+            step = model.step
             model.time += dt.timedelta(microseconds=model.rng.choice((0, 137, 250_000, 1)))
             t = model.time
             event_id = str(uuid.UUID(int=model.rng.getrandbits(128), version=4))
-            leaf = LEAF_PREFIX + encode(LeafBody(
-                event_id, index, f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond:06d}Z",
-                [LeafPosting(a, c, d) for a, d, c in postings], type_))
+            ts = f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond:06d}Z"
+            leaf_postings = [LeafPosting(a, c, d) for a, d, c in postings]
+            leaf = (LEAF_PREFIX + encode(LeafBody(event_id, index, ts, leaf_postings, type_)) if step is None
+                    else LEAF_V2_PREFIX + encode(LeafBodyV2(step, event_id, index, ts, leaf_postings, type_)))
             for a, d, c in postings:
                 acct = model.accounts.setdefault(a, [0, 0])
                 acct[0] += d
                 acct[1] += c
             lines.append(encode(ServedEntry(index, event_id, type_, t, [ServedPosting(*p) for p in postings],
-                                            base64.b64encode(leaf).decode())))
+                                            base64.b64encode(leaf).decode(), step)))
             frontier.append(hashlib.sha256(b"\x00" + leaf).digest())
             if frontier.size == totals_at:
                 totals = _totals(model, totals_at)

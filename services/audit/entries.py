@@ -1,13 +1,20 @@
-"""Journal entries as the ledger serves them, leaf v1 rebuilt from their fields, and the checks that need no state.
+"""Journal entries as the ledger serves them, their leaves rebuilt from their fields, and the checks that need no
+state.
 
-Leaf v1 is re-implemented here from its specification (the docstring of services/ledger/domain.py `leaf_v1`), not
-imported: an auditor's tool shares no code with the server it checks.
+Leaves v1 and v2 are re-implemented here from their specification (the docstrings of services/ledger/domain.py
+`leaf_v1` and `leaf_v2`), not imported: an auditor's tool shares no code with the server it checks.
 
     leaf = b"cvl-leaf-v1\\n" ‖ {"event_id":E,"index":I,"occurred_at":T,"postings":[P,...],"type":Y}
     P    = {"account":A,"credit":C,"debit":D}
 
 keys sorted at every level, no whitespace, T in UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (always 6 digits), E a lowercase
-UUID, A an account of the chart, Y an event type name, integers in plain decimal.
+UUID, A an account of the chart, Y an event type name, integers in plain decimal. An entry that is a step of a
+budget (served with a `budget` object) has leaf v2, the same object with the step first:
+
+    leaf = b"cvl-leaf-v2\\n" ‖ {"budget":B,"event_id":E,...as v1...}
+    B    = {"amount":A,"carried":X,"city":C,"committed":M,"program":G,"returned":R,"seq":S,"year":V}
+
+(X only on a BudgetCarried, R only on a BudgetReturned; G spelled out even when it is `default`).
 
 Checks 1 and 2 of verify.py (order, leaf) look at one entry at a time: `check_leaves` runs them over a block and
 also hashes the block's Merkle subtrees. Check 3 (balance) is made where the postings are added up (replay.py,
@@ -24,6 +31,7 @@ from typing import Final, NamedTuple
 import msgspec
 
 LEAF_V1_PREFIX: Final = b"cvl-leaf-v1\n"
+LEAF_V2_PREFIX: Final = b"cvl-leaf-v2\n"
 TILE_HEIGHT: Final = 8    # a checked block carries the roots of its aligned subtrees of up to 2^8 = 256 leaves
 TAIL_PREFIXES: Final = (b'{"totals":', b'{"checkpoint":', b'{"trailer":')  # export lines that are not entries
 
@@ -39,12 +47,16 @@ _TIME: Final = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}
 _TYPE: Final = r"[A-Z][A-Za-z]{0,63}"
 _INT: Final = r"(?:0|[1-9][0-9]{0,18})"
 _LEAF_POSTING: Final = rf'\{{"account":"{_ACCOUNT}","credit":{_INT},"debit":{_INT}\}}'
-# Every leaf must match this whole: the field formats of leaf v1, which comparing the bytes with the re-encoded
-# fields does not check (the fields could be malformed alike).
-LEAF_V1_RE: Final = re.compile(
-    (r"cvl-leaf-v1\n" + rf'\{{"event_id":"{_UUID}","index":{_INT},"occurred_at":"{_TIME}",'
-     rf'"postings":\[(?:{_LEAF_POSTING}(?:,{_LEAF_POSTING})*)?\],"type":"{_TYPE}"\}}').encode())
+_LEAF_BODY: Final = (rf'"event_id":"{_UUID}","index":{_INT},"occurred_at":"{_TIME}",'
+                     rf'"postings":\[(?:{_LEAF_POSTING}(?:,{_LEAF_POSTING})*)?\],"type":"{_TYPE}"\}}')
+_LEAF_BUDGET: Final = (rf'\{{"amount":{_INT},(?:"carried":{_INT},)?"city":"{_ID}","committed":{_INT},'
+                       rf'"program":"{_ID}",(?:"returned":{_INT},)?"seq":{_INT},"year":{_YEAR}\}}')
+# Every leaf must match one of these whole: the field formats of leaf v1 (v2), which comparing the bytes with the
+# re-encoded fields does not check (the fields could be malformed alike).
+LEAF_V1_RE: Final = re.compile((r"cvl-leaf-v1\n\{" + _LEAF_BODY).encode())
+LEAF_V2_RE: Final = re.compile((r"cvl-leaf-v2\n\{" + rf'"budget":{_LEAF_BUDGET},' + _LEAF_BODY).encode())
 ACCOUNT_RE: Final = re.compile(_ACCOUNT)
+ID_RE: Final = re.compile(_ID)
 UUID_RE: Final = re.compile(_UUID)
 TYPE_RE: Final = re.compile(_TYPE)
 LEAF_TIME_RE: Final = re.compile(_TIME)
@@ -71,6 +83,19 @@ class Posting(msgspec.Struct, gc=False):
     debit: int
 
 
+class Budget(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
+    """The budget step an entry records (leaf v2). Declared in sorted key order, as the leaf's object."""
+
+    amount: int
+    carried: int | None = None
+    city: str
+    committed: int
+    program: str
+    returned: int | None = None
+    seq: int
+    year: int
+
+
 class Entry(msgspec.Struct, gc=False):
     index: int
     event_id: str
@@ -78,6 +103,7 @@ class Entry(msgspec.Struct, gc=False):
     occurred_at: str
     postings: list[Posting]
     leaf: str
+    budget: Budget | None = None   # only on an entry that is a step of a budget (leaf v2)
 
 
 class LeafBody(msgspec.Struct, gc=False, forbid_unknown_fields=True):
@@ -89,11 +115,23 @@ class LeafBody(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     type: str
 
 
+class LeafBodyV2(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    budget: Budget
+    event_id: str
+    index: int
+    occurred_at: str
+    postings: list[Posting]
+    type: str
+
+
 assert list(Posting.__struct_fields__) == sorted(Posting.__struct_fields__)
+assert list(Budget.__struct_fields__) == sorted(Budget.__struct_fields__)
 assert list(LeafBody.__struct_fields__) == sorted(LeafBody.__struct_fields__)
+assert list(LeafBodyV2.__struct_fields__) == sorted(LeafBodyV2.__struct_fields__)
 
 _leaf_encode: Final = msgspec.json.Encoder().encode
 _decode_leaf: Final = msgspec.json.Decoder(LeafBody).decode
+_decode_leaf_v2: Final = msgspec.json.Decoder(LeafBodyV2).decode
 entry_decoder: Final = msgspec.json.Decoder(Entry)
 
 
@@ -114,6 +152,7 @@ def leaf_time(text: str) -> str:
 def leaf_v1(e: Entry) -> bytes:
     """The leaf v1 bytes of an entry, from its fields."""
     return LEAF_V1_PREFIX + _leaf_encode(LeafBody(e.event_id, e.index, leaf_time(e.occurred_at), e.postings, e.type))
+
 
 
 # --- checks 1 and 2 ------------------------------------------------------------------------------------------------------
@@ -169,12 +208,16 @@ def check_leaves(entries: list[Entry], first: int) -> LeafCheck:
             except ValueError as exc:
                 problem = f"entry {n}: {exc}"
                 break
-        leaf = LEAF_V1_PREFIX + _leaf_encode(LeafBody(e.event_id, n, ts, e.postings, e.type))
+        if e.budget is None:
+            leaf = LEAF_V1_PREFIX + _leaf_encode(LeafBody(e.event_id, n, ts, e.postings, e.type))
+        else:
+            leaf = LEAF_V2_PREFIX + _leaf_encode(LeafBodyV2(e.budget, e.event_id, n, ts, e.postings, e.type))
         # The served base64 must be exactly that of the rebuilt leaf (encoding is cheaper than decoding).
         if b2a(leaf, newline=False) != e.leaf.encode():
             problem = _leaf_problem(e, ts)
             break
-        if not leaf_format(leaf):  # also: every amount is a plain decimal, so none is negative
+        if not (leaf_format(leaf) if e.budget is None else LEAF_V2_RE.fullmatch(leaf)):
+            # also: every amount is a plain decimal, so none is negative
             problem = _format_problem(e, ts)
             break
         hashes.append(sha256(b"\x00" + leaf).digest())
@@ -212,13 +255,24 @@ def _leaf_problem(e: Entry, ts: str) -> str:
         stored = binascii.a2b_base64(e.leaf, strict_mode=True)
     except binascii.Error:
         return f"{where}: its leaf is not valid base64"
-    if not stored.startswith(LEAF_V1_PREFIX):
-        return f"{where}: its leaf is not a cvl-leaf-v1 leaf (it starts {stored[:16]!r})"
+    version = stored[:len(LEAF_V1_PREFIX)]
+    if version not in (LEAF_V1_PREFIX, LEAF_V2_PREFIX):
+        return f"{where}: its leaf is neither a cvl-leaf-v1 nor a cvl-leaf-v2 leaf (it starts {stored[:16]!r})"
+    v2 = version == LEAF_V2_PREFIX
     try:
-        body = _decode_leaf(stored[len(LEAF_V1_PREFIX):])
+        body = (_decode_leaf_v2 if v2 else _decode_leaf)(stored[len(version):])
     except msgspec.DecodeError as exc:
-        return f"{where}: its leaf is not a valid leaf v1 ({exc})"
+        return f"{where}: its leaf is not a valid leaf {'v2' if v2 else 'v1'} ({exc})"
     differences = []
+    theirs_budget = body.budget if v2 else None
+    if (e.budget is None) != (theirs_budget is None):
+        differences.append("its leaf records a budget step the entry does not show" if v2 else
+                           "the entry shows a budget step its leaf (v1) does not record")
+    elif e.budget is not None:
+        for name in Budget.__struct_fields__:
+            mine, theirs = getattr(e.budget, name), getattr(theirs_budget, name)
+            if mine != theirs:
+                differences.append(f"budget {name} is {mine!r} in the entry but {theirs!r} in its leaf")
     for name, mine, theirs in (("index", e.index, body.index), ("event_id", e.event_id, body.event_id),
                                ("type", e.type, body.type), ("occurred_at", ts, body.occurred_at)):
         if mine != theirs:
@@ -249,6 +303,13 @@ def _format_problem(e: Entry, ts: str) -> str:
             return f"{where}: posting {i}: {p.account!r} is not an account of the chart"
         if max(p.debit, p.credit) >= 10**19:
             return f"{where}: posting {i} ({p.account}): an amount of 20 digits or more"
+    b = e.budget
+    if b is not None:
+        if not ID_RE.fullmatch(b.city) or not ID_RE.fullmatch(b.program):
+            return f"{where}: budget city {b.city!r} or program {b.program!r} is not an id"
+        if not 2000 <= b.year <= 2100:
+            return f"{where}: budget year {b.year} is not a year of the chart"
+        return f"{where}: its budget step is not in leaf v2's form (integers in plain decimal, 0 or more)"
     return f"{where}: the leaf is not in leaf v1's form"
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import merkle, note
+from .budgets import KIND, History, Step
 from .client import AccountView, CheckpointView, Totals
 from .entries import TYPE_RE, Entry, LeafCheck, VerificationFailed, order_problem, posting_problem
 
@@ -149,6 +150,9 @@ class Outcome:
     seconds: float = 0.0
     proofs: str = ""
 
+    budget_steps: int = 0
+    budgets: int = 0
+
     def summary(self) -> str:
         rate = self.entries / self.seconds if self.seconds > 0 else 0.0
         cp = self.last_checkpoint
@@ -156,6 +160,10 @@ class Outcome:
                  + (f" (origin {self.origin})" if self.origin else "")]
         if cp is not None:
             lines.append(f"  latest checkpoint: size {cp.tree_size:,}, root {merkle.b64(cp.root)}")
+        if self.budgets:
+            lines.append(f"  budget history replayed: {_count(self.budget_steps, 'step')} of "
+                         f"{_count(self.budgets, 'budget')}, in order, each within its amount and ending at its "
+                         f"account's balance")
         if self.totals is not None:
             t = self.totals
             reports = _count(self.reports_compared, "city report")
@@ -191,6 +199,9 @@ class RangeResult:
     problem_line: int | None = None               # a line that is no entry: its number within the range, from 0
     lines: int = 0
     snapshot_at_end: bool = False                 # the totals' size is the range's end (snapshot: its books)
+    budget_records: list[tuple[str, Step]] = field(default_factory=list)  # the range's budget steps, in log order
+    unreplayable: set[str] = field(default_factory=set)
+    carries_unreplayable: bool = False
 
 
 class Replay:
@@ -238,6 +249,8 @@ class Replay:
         self.record_at = sorted(set(record_at or ()))
         self._record_pos = 0
         self.recorded: dict[int, Subtrees] = {}
+        # Check 8: the budgets' histories, replayed by the whole log's replay; a range's replay records its steps.
+        self.history = History(replaying=start == 0 and record_at is None)
         self._shapes = {
             "VoucherMinted": self._minted, "VouchersMinted": self._batch_minted,
             "VoucherRedeemed": self._redeemed, "HoldCaptured": self._captured,
@@ -245,6 +258,7 @@ class Replay:
             "VoucherRevoked": self._revoked, "VoucherFrozen": self._revoked, "VoucherExpired": self._expired,
             "BudgetSet": self._budget_set, "CitySet": self._no_postings, "ProviderSet": self._no_postings,
             "ProgramSet": self._no_postings, "BudgetCarried": self._no_postings,
+            "BudgetReturned": self._no_postings,
         }
         self._first_entry: tuple[int, str, str] | None = None
         self._advance_checkpoint()
@@ -413,6 +427,10 @@ class Replay:
                     issued[cy] = issued.get(cy, 0) + amount
                     homes[voucher] = cy
                     debits_total += amount
+                    if e.budget is None:
+                        self.history.unreplayable.add(cy)
+                    else:
+                        self._budget_step(n, e)
                 elif t == "VoucherRedeemed" and len(ps) == 2:
                     voucher, provider = ps[0].account, ps[1].account
                     amount = ps[0].debit
@@ -453,6 +471,8 @@ class Replay:
                         self._unknown_type(n, e)
                     else:
                         shape(n, e, debits)
+                    if e.budget is not None or t in KIND:
+                        self._budget_step(n, e)
                 n += 1
         finally:
             books.size = n
@@ -642,6 +662,44 @@ class Replay:
         if e.postings:
             raise self._shape(n, e, "none")
 
+    def _budget_step(self, n: int, e: Entry) -> None:
+        """Check 8, the entry's part (budgets.py): its budget step, if any, is of the kind its type makes and of the
+        budget its postings move; what the entry changed is recorded with it, for the budget's replay."""
+        b, t = e.budget, e.type
+        kind = KIND.get(t)
+        ps = e.postings
+        where = f"entry {n} ({t} {e.event_id})"
+        if b is None:
+            if t == "BudgetReturned":
+                raise VerificationFailed(f"{where}: a BudgetReturned without its budget step", (n, 1))
+            if t == "BudgetCarried":
+                self.history.carries_unreplayable = True
+            elif kind is not None and ps:  # a setting or a mint from before budget history
+                self.history.unreplayable.add(self._cy(next(p.account for p in ps if p.account[0] == "b")))
+            return
+        if kind is None:
+            raise VerificationFailed(f"{where}: records a step of a budget, but a {t} changes no budget", (n, 1))
+        cy = cy_of_report(b.city, b.year, b.program)
+        if (b.returned is not None) != (t == "BudgetReturned") or (b.carried is not None) != (t == "BudgetCarried"):
+            raise VerificationFailed(f"{where}: its budget step should say what was "
+                                     + ("returned" if t == "BudgetReturned" else "carried" if t == "BudgetCarried"
+                                        else "moved by its postings, and nothing else"), (n, 1))
+        d_amount = d_committed = 0
+        if t == "BudgetReturned":
+            d_committed = -b.returned
+        elif t == "BudgetCarried":
+            d_amount = b.carried
+        else:
+            moved = [p for p in ps if p.account[0] == "b"]
+            if moved and moved[0].account != "budget:" + cy:
+                raise VerificationFailed(f"{where}: its budget step is of budget:{cy}, but its postings move "
+                                         f"{moved[0].account}", (n, 1))
+            if t == "BudgetSet":
+                d_amount = sum(p.credit - p.debit for p in moved)
+            else:
+                d_committed = moved[0].debit if moved else 0
+        self.history.add(cy, Step(b.seq, b.amount, b.committed, d_amount, d_committed, n, kind))
+
     # --- ranges ---
 
     def result(self, problem: VerificationFailed | None = None, problem_line: int | None = None,
@@ -654,7 +712,8 @@ class Replay:
             returns=self.returns, unknown_types=self.unknown_types, recorded=self.recorded, subtrees=self.stack,
             first_entry=self._first_entry, problem=str(problem) if problem else None,
             problem_at=(problem.at or (self.books.size, 1)) if problem else None, problem_line=problem_line,
-            lines=lines)
+            lines=lines, budget_records=self.history.records, unreplayable=self.history.unreplayable,
+            carries_unreplayable=self.history.carries_unreplayable)
 
     def absorb(self, r: RangeResult, find_mint: Callable[[str], int]) -> None:
         """Add the replay of the range that follows (a process of its own) to this replay of the whole log; raise
@@ -711,6 +770,7 @@ class Replay:
         for t, count in r.unknown_types.items():
             self.unknown_types[t] = self.unknown_types.get(t, 0) + count
         self.books.add(r.books)
+        self.history.absorb(r.budget_records, r.unreplayable, r.carries_unreplayable)
         if self.totals_at is not None and self.snapshot is None and r.snapshot_at_end:
             self.snapshot = self.books
         size = n
@@ -750,6 +810,7 @@ class Replay:
             if home != cy:
                 raise self._misplaced(voucher, cy, i, what, home, carried_to)
         self._check_end_balances()
+        self.warnings.extend(self.history.finish(self.books.balances, set(self.books.carried_in)))
         reports = accounts = 0
         if self.totals is not None:
             if self.snapshot is None:
@@ -759,7 +820,7 @@ class Replay:
         self._collect_warnings()
         return Outcome(entries=n, checkpoints=self.cp_count, origin=self.origin, last_checkpoint=self.cp_last,
                        totals=self.totals, reports_compared=reports, accounts_compared=accounts,
-                       warnings=self.warnings)
+                       warnings=self.warnings, budget_steps=self.history.steps(), budgets=len(self.history.budgets))
 
     def _check_end_balances(self) -> None:
         """Check 6 at the end of the log, when the order of the topics no longer matters. (Every account name was

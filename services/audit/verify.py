@@ -44,6 +44,15 @@ size, export line, totals) and what is wrong:
     VoucherExpired credits of budget:c:y+1 from vouchers of c:y, expired = lapsed:c:y credits of VoucherExpired +
     carried_out, outstanding = the voucher: and hold: balances of the vouchers minted from budget:c:y; and the
     balance of every city-year and provider account.
+8.  **Budget history.** Every entry that is a step of a budget (leaf v2, its `budget` object: BudgetSet, VoucherMinted,
+    VouchersMinted, BudgetReturned, BudgetCarried) is replayed per budget in `seq` order, whatever the log's order
+    (budgets.py): the steps run 1, 2, 3... with no gap or repeat; each follows from its entry (BudgetSet: amount +=
+    its delta, committed unchanged; a mint: committed += the minted amount, amount unchanged; BudgetReturned:
+    committed −= returned; BudgetCarried: amount += carried); no step has committed > amount; and at the end of
+    the log each budget's last step equals its account: **balance(budget:B) = amount − committed** (the account is
+    what is available: credited by settings, carries in and returns, debited by mints); a budget account without
+    steps ends at 0. A problem names the entry of the step. Budgets whose history began before budget steps (leaf
+    v1 settings or mints) are named in a warning and not replayed.
 
 Speed: an export is cut into as many consecutive ranges as there are processors; each is checked and replayed by
 its own process and the replays are joined in order (replay.py), which gives the same first problem as one process.

@@ -6,12 +6,16 @@ authorises, calls one command and responds. Lock order, for every transaction of
 budgets (sorted by city, program, year) → enterprise_usage (sorted) → vouchers (sorted), so that the admin's
 commands, the mint writers and the consumer never wait in a cycle. City-keyed events (CitySet, ProgramSet,
 BudgetSet, BudgetCarried) are written under their city row's lock, so their outbox order is their commit order.
+
+Budget history: every event that changes a budget's amount or committed carries the budget's step (budget_seq,
+budget_amount, budget_committed after it; domain.py "Budget history"), numbered under the budget row's lock from
+its seq and written with the change, in one transaction.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
@@ -34,7 +38,7 @@ from services.common.errors import NotFound, ServiceError, ValidationFailed
 from services.common.group_commit import ABANDONED, TAKEN, WRITING, Command
 
 from . import domain, rule_metrics, store
-from .domain import BudgetKey, BudgetState, ProgramKey, ProgramState, UsageKey
+from .domain import BudgetKey, BudgetState, BudgetStep, ProgramKey, ProgramState, UsageKey
 
 if TYPE_CHECKING:
     from .writer import Writers
@@ -43,6 +47,7 @@ log = logging.getLogger("cvl.issuing")
 
 PRODUCER: Final = "issuing"
 ACTOR_CARRY: Final = "system:year-end-carry"  # BudgetCarried: emitted on a consumed VoucherExpired
+ACTOR_RETURN: Final = "system:revocation-return"  # BudgetReturned: emitted on a consumed VoucherFrozen
 
 _encoder: Final = msgspec.json.Encoder()
 _MINTED_TYPE: Final = outbox.row_type(ev.VoucherMinted)  # the outbox rows' types, as outbox.append writes them
@@ -134,13 +139,17 @@ async def set_budget(ctx: Issuing, actor: str, city: str, year: int, body: Budge
             await conn.fetchrow(store.LOCK_BUDGET_SQL, city, program, year))
         if domain.budget_changes(city, year, current, wanted, program=program):
             previous, committed = (0, 0) if current is None else (current.amount, current.committed)
+            step = inserted
             if current is not None:
-                updated = await conn.fetchrow(store.UPDATE_BUDGET_SQL, city, program, year, body.amount,
-                                              body.enterprise_cap, body.year_end)
-                assert updated is not None and updated["committed"] <= updated["amount"]
+                step = await conn.fetchrow(store.UPDATE_BUDGET_SQL, city, program, year, body.amount,
+                                           body.enterprise_cap, body.year_end)
+                assert step is not None and step["seq"] == current.seq + 1
+            assert step["committed"] == committed <= step["amount"] == body.amount
             data = ev.BudgetSetData(city=city, year=year, amount=body.amount, previous_amount=previous,
                                     delta=body.amount - previous, committed=committed,
-                                    enterprise_cap=body.enterprise_cap, year_end=body.year_end, program=program)
+                                    enterprise_cap=body.enterprise_cap, year_end=body.year_end, program=program,
+                                    budget_seq=step["seq"], budget_amount=step["amount"],
+                                    budget_committed=step["committed"])
             await outbox.append(conn, [(ctx.topic, city, outbox.envelope(
                 ev.BudgetSet, data, producer=PRODUCER, actor=actor))])
         return 200, store.budget_view(await conn.fetchrow(store.GET_BUDGET_SQL, city, program, year))
@@ -273,6 +282,7 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
         c.state = WRITING
     budgets = {store.budget_key(r): store.budget_state(r) for r in rows}
     before = {k: b.committed for k, b in budgets.items()}
+    steps = domain.Steps({k: BudgetStep(b.seq, b.amount, b.committed) for k, b in budgets.items()})
     # The programs' rules, read under the budget locks (a kind change waits for them: store.GET_PROGRAMS_SQL).
     pkeys = sorted({(k.city, k.program) for k in keys})
     programs: dict[ProgramKey, ProgramState] = {}
@@ -306,15 +316,20 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
     assert bool(deltas) == bool(accepted)
     if accepted:
         free = sorted((k, used) for k, used in usage.items() if k.budget not in capped)
-        events = _new_vouchers(accepted, budgets, programs)
-        updated = await conn.fetch(store.WRITE_MINTS_SQL, *_columns(list(deltas), 3), list(deltas.values()),
+        events = _new_vouchers(accepted, budgets, programs, steps)
+        bkeys = list(deltas)
+        for k in bkeys:  # the steps, taken in order, end where the decisions did
+            assert steps.now(k).committed == budgets[k].committed and steps.count[k] >= 1, k
+        updated = await conn.fetch(store.WRITE_MINTS_SQL, *_columns(bkeys, 3), list(deltas.values()),
                                    *_columns([k for k, _ in free], 4), [used for _, used in free],
                                    *_voucher_columns(accepted), accepted[0].minted[0].created_at, topic,
-                                   *(list(column) for column in zip(*events)))
+                                   *(list(column) for column in zip(*events)),
+                                   [steps.count[k] for k in bkeys], [steps.start[k].seq for k in bkeys])
         assert len(updated) == len(deltas), "a budget row refused its update: committed would exceed amount"
         for r in updated:
             assert 0 <= r["committed"] <= r["amount"]
             assert budgets[store.budget_key(r)].committed == r["committed"]
+            assert r["seq"] == steps.now(store.budget_key(r)).seq
             assert r["usage_rows"] == len(free)
     done = [c for c in accepted if c.key is not None]
     if done:
@@ -358,14 +373,14 @@ class QueuedEvent(NamedTuple):
 
 
 def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetState],
-                  programs: dict[ProgramKey, ProgramState]) -> list[QueuedEvent]:
+                  programs: dict[ProgramKey, ProgramState], steps: domain.Steps) -> list[QueuedEvent]:
     """The accepted commands' vouchers (each command's `minted`, its answer) and their events, in order.
 
     A single mint's voucher travels as a VoucherMinted keyed by its id. A batch request's vouchers travel as
     VouchersMinted events of up to VOUCHERS_PER_EVENT_MAX vouchers of one budget (city, program, year), keyed by
     city as budget events are: one outbox row, one Kafka record and one journal entry for many vouchers instead of
     one each. An event whose encoding would pass KAFKA_RECORD_BYTES_MAX (long provider lists) is split in halves
-    until each part fits.
+    until each part fits. Each event is one step of its budget, taken from `steps` in the events' order.
     """
     now = outbox.now()
     n = sum(len(c.vouchers) for c in accepted)
@@ -386,11 +401,12 @@ def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetSt
                 expires_at=v.expires_at, status="active", created_at=now, program=program))
             if c.batch:
                 continue
+            step = steps.take(BudgetKey(city, program, year), v.amount)
             data = ev.VoucherMintedData(
                 voucher_id=voucher_id, city=city, year=year, beneficiary=v.beneficiary, kind=kind,  # type: ignore
                 amount=v.amount, subsidy_ratio_bp=v.subsidy_ratio_bp, providers=v.providers,
                 expires_at=v.expires_at, created_at=now, year_end=budgets[(city, program, year)].year_end,  # type: ignore
-                program=program)
+                program=program, budget_seq=step.seq, budget_amount=step.amount, budget_committed=step.committed)
             event = outbox.envelope(ev.VoucherMinted, data, producer=PRODUCER, actor=actor, occurred_at=now,
                                     event_id=next(event_ids))
             events.append(QueuedEvent(voucher_id, event.event_id, _MINTED_TYPE, _encoder.encode(event)))
@@ -403,26 +419,31 @@ def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetSt
             for key, vouchers in by_budget.items():
                 for at in range(0, len(vouchers), VOUCHERS_PER_EVENT_MAX):
                     events.extend(_batch_events(key, vouchers[at:at + VOUCHERS_PER_EVENT_MAX],
-                                                budgets[key].year_end, actor, now))
+                                                budgets[key].year_end, actor, now, steps))
     assert i == n
     return events
 
 
 def _batch_events(key: BudgetKey, vouchers: list[ev.MintedVoucher], year_end: str, actor: str,
-                  now: dt.datetime) -> list[QueuedEvent]:
+                  now: dt.datetime, steps: domain.Steps) -> list[QueuedEvent]:
     """One VouchersMinted of `vouchers` on budget `key`, or, when it would encode past KAFKA_RECORD_BYTES_MAX,
-    those of each half (recursively): every part still fits one Kafka record."""
+    those of each half (recursively): every part still fits one Kafka record, and is one step of the budget (taken
+    only for the events that go out)."""
+    amount = sum(v.amount for v in vouchers)
+    step = steps.peek(key, amount)
     data = ev.VouchersMintedData(city=key.city, program=key.program, year=key.year, created_at=now,
-                                 year_end=year_end, amount=sum(v.amount for v in vouchers),  # type: ignore[arg-type]
-                                 vouchers=vouchers)
+                                 year_end=year_end, amount=amount,  # type: ignore[arg-type]
+                                 vouchers=vouchers, budget_seq=step.seq, budget_amount=step.amount,
+                                 budget_committed=step.committed)
     event = outbox.envelope(ev.VouchersMinted, data, producer=PRODUCER, actor=actor, occurred_at=now)
     payload = _encoder.encode(event)
     if len(payload) <= KAFKA_RECORD_BYTES_MAX:
+        assert steps.take(key, amount) == step
         return [QueuedEvent(key.city, event.event_id, _BATCH_MINTED_TYPE, payload)]
     assert len(vouchers) > 1, "one voucher's VouchersMinted cannot exceed KAFKA_RECORD_BYTES_MAX (see schemas.limits)"
     half = len(vouchers) // 2
-    return [*_batch_events(key, vouchers[:half], year_end, actor, now),
-            *_batch_events(key, vouchers[half:], year_end, actor, now)]
+    return [*_batch_events(key, vouchers[:half], year_end, actor, now, steps),
+            *_batch_events(key, vouchers[half:], year_end, actor, now, steps)]
 
 
 def _voucher_columns(accepted: list[MintCommand]) -> list[list]:
@@ -485,7 +506,8 @@ async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Deli
     """Consumer handler (the batch's transaction, fresh events only): the redemption side's end of a voucher.
 
     VoucherFrozen (a revocation took effect, or a refund on a frozen voucher): `returned` goes back to the budget of
-    the voucher's (city, program, year) and to the enterprise's cap. VoucherExpired with "lapse": the value stays
+    the voucher's (city, program, year) and to the enterprise's cap, announced as BudgetReturned (city-keyed, the
+    budget's step; one per voucher of the batch). VoucherExpired with "lapse": the value stays
     committed (it lapsed, it is not available again). VoucherExpired with "carry": the value stays committed in its
     year too (and in the enterprise's usage), and raises the amount of the NEXT year's budget of the same program,
     created if absent (cap and year end copied from the expiring year's), announced as BudgetCarried (city-keyed,
@@ -507,11 +529,13 @@ async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Deli
     to_budget: dict[BudgetKey, int] = defaultdict(int)
     lapsed: dict[BudgetKey, int] = defaultdict(int)
     to_usage: dict[UsageKey, int] = defaultdict(int)
+    returned: list[tuple[str, BudgetKey, int]] = []  # (voucher, its budget, value), in voucher order
     carried: list[tuple[str, BudgetKey, int]] = []  # (voucher, its budget, value), in voucher order
     for vid in ids:
         h, s = homes[vid], settlements[vid]
         key = BudgetKey(h["city"], h["program"], h["year"])
         to_budget[key] += s.returned
+        returned.append((vid, key, s.returned))
         lapsed[key] += s.lapsed
         to_usage[UsageKey(key.city, key.program, key.year, h["beneficiary"])] += s.returned
         if s.carried:
@@ -529,29 +553,46 @@ async def apply_redemption_events(conn: asyncpg.Connection, delivered: list[Deli
     await conn.fetch(store.LOCK_USAGE_SQL, *_columns(ukeys, 4))
     await conn.fetch(store.LOCK_VOUCHERS_SQL, ids)
 
+    # Returns, then carries: each voucher's is one step of its budget, numbered from the seq locked, in this order.
+    seq_before = {k: b.seq for k, b in locked.items()}
+    returns = domain.give_back(locked, returned)
     bkeys = [k for k in sorted(to_budget) if to_budget[k]]
     if bkeys:
-        updated = await conn.fetch(store.RETURN_TO_BUDGETS_SQL, *_columns(bkeys, 3), [to_budget[k] for k in bkeys])
+        count = Counter(r.budget for r in returns)
+        updated = await conn.fetch(store.RETURN_TO_BUDGETS_SQL, *_columns(bkeys, 3), [to_budget[k] for k in bkeys],
+                                   [count[k] for k in bkeys], [seq_before[k] for k in bkeys])
         assert len(updated) == len(bkeys), "more came back than a budget had committed"
         for r in updated:
-            locked[store.budget_key(r)].committed = r["committed"]
+            b = locked[store.budget_key(r)]
+            assert (b.committed, b.seq) == (r["committed"], r["seq"])
             _budget_gauges(store.budget_key(r), r["amount"] - r["committed"])
+        await outbox.append(conn, [(topic, r.budget.city, outbox.envelope(
+            ev.BudgetReturned, ev.BudgetReturnedData(
+                city=r.budget.city, program=r.budget.program, year=r.budget.year, voucher_id=r.voucher_id,
+                amount=r.amount, budget_seq=r.step.seq, budget_amount=r.step.amount,
+                budget_committed=r.step.committed),
+            producer=PRODUCER, actor=ACTOR_RETURN)) for r in returns])
+    seq_before = {k: b.seq for k, b in locked.items()}
     steps = domain.carry(locked, carried)
     if steps:
         raised: dict[BudgetKey, int] = defaultdict(int)
         for step in steps:
             raised[step.target] += step.amount
         rkeys = sorted(raised)
-        updated = await conn.fetch(store.CARRY_INTO_BUDGETS_SQL, *_columns(rkeys, 3), [raised[k] for k in rkeys])
+        count = Counter(step.target for step in steps)
+        updated = await conn.fetch(store.CARRY_INTO_BUDGETS_SQL, *_columns(rkeys, 3), [raised[k] for k in rkeys],
+                                   [count[k] for k in rkeys], [seq_before[k] for k in rkeys])
         assert len(updated) == len(rkeys), "a carry found no next year's budget"
         for r in updated:
-            assert locked[store.budget_key(r)].amount == r["amount"]
+            b = locked[store.budget_key(r)]
+            assert (b.amount, b.seq) == (r["amount"], r["seq"])
             _budget_gauges(store.budget_key(r), r["amount"] - r["committed"])
         await outbox.append(conn, [(topic, step.target.city, outbox.envelope(
             ev.BudgetCarried, ev.BudgetCarriedData(
                 city=step.target.city, program=step.target.program, year=step.target.year,
                 from_year=step.source.year, voucher_id=step.voucher_id, amount=step.amount,
-                budget_amount=step.budget_amount, budget_committed=step.budget_committed),
+                budget_amount=step.budget_amount, budget_committed=step.budget_committed,
+                budget_seq=step.budget_seq),
             producer=PRODUCER, actor=ACTOR_CARRY)) for step in steps])
     ukeys = [k for k in ukeys if to_usage[k]]
     if ukeys:

@@ -14,6 +14,12 @@ command that would overdraw a budget or a cap, or that breaks a program's rules,
 Year end: an expired voucher's unspent value lapses (it stays committed in its year) or, with "carry", raises the
 amount of the NEXT year's budget of the same program (created if absent) and also stays committed in its own year:
 a year that has passed never gets value back.
+
+Budget history: every change of a budget's amount or committed is a numbered step (`BudgetStep`: seq 1, 2, 3...
+per budget, and amount and committed after it) that its event carries: a BudgetSet, each single mint, each
+VouchersMinted event, each voucher's return (BudgetReturned), each voucher's carry (BudgetCarried). A transaction
+numbers its steps in order from the seq it read under the budget row's lock (`Steps`, `give_back`, `carry`), and
+writes the new seq in the statement that changes the row.
 """
 from __future__ import annotations
 
@@ -80,10 +86,45 @@ class BudgetState:
     committed: int
     enterprise_cap: int | None = None  # None: no per-enterprise cap
     year_end: str = "lapse"
+    seq: int = 0                       # the budget's steps so far (its last event's budget_seq)
 
     @property
     def available(self) -> int:
         return self.amount - self.committed
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    """A budget after one of its steps: the budget_seq, budget_amount and budget_committed its event carries."""
+
+    seq: int
+    amount: int
+    committed: int
+
+
+class Steps:
+    """Numbers the steps a transaction makes on budgets, in order, from their state under the row locks (`start`:
+    seq, amount and committed as locked). `count[key]`: the steps taken, which the statement raising the budget
+    adds to its seq."""
+
+    def __init__(self, start: dict[BudgetKey, BudgetStep]):
+        self._at = dict(start)
+        self.start = start
+        self.count: dict[BudgetKey, int] = defaultdict(int)
+
+    def peek(self, key: BudgetKey, committed: int) -> BudgetStep:
+        """The step that raising `key`'s committed by `committed` would be next (nothing is taken)."""
+        at = self._at[key]
+        return BudgetStep(at.seq + 1, at.amount, at.committed + committed)
+
+    def take(self, key: BudgetKey, committed: int) -> BudgetStep:
+        step = self._at[key] = self.peek(key, committed)
+        assert 0 <= step.committed <= step.amount, (key, step)
+        self.count[key] += 1
+        return step
+
+    def now(self, key: BudgetKey) -> BudgetStep:
+        return self._at[key]
 
 
 # --- cities, budgets, providers --------------------------------------------------------------------------------------
@@ -347,7 +388,8 @@ def carried_budget(source: BudgetState) -> BudgetState:
 
 @dataclass(frozen=True)
 class CarryStep:
-    """One voucher's carry: `amount` raised `target` (the next year's budget) to `budget_amount`."""
+    """One voucher's carry: `amount` raised `target` (the next year's budget) to `budget_amount`, its step
+    `budget_seq`."""
 
     voucher_id: str
     source: BudgetKey
@@ -355,11 +397,13 @@ class CarryStep:
     amount: int
     budget_amount: int
     budget_committed: int
+    budget_seq: int
 
 
 def carry(targets: dict[BudgetKey, BudgetState], carried: Sequence[tuple[str, BudgetKey, int]]) -> list[CarryStep]:
     """Apply carries (voucher id, the voucher's budget, value) in order to the next years' budgets in `targets`
-    (mutated): each raises its target's amount, never its committed. Zero carries change nothing."""
+    (mutated): each raises its target's amount, never its committed, and is one step of it. Zero carries change
+    nothing."""
     steps = []
     for voucher_id, source, amount in carried:
         assert amount >= 0
@@ -368,5 +412,32 @@ def carry(targets: dict[BudgetKey, BudgetState], carried: Sequence[tuple[str, Bu
         target = next_year(source)
         budget = targets[target]
         budget.amount += amount
-        steps.append(CarryStep(voucher_id, source, target, amount, budget.amount, budget.committed))
+        budget.seq += 1
+        steps.append(CarryStep(voucher_id, source, target, amount, budget.amount, budget.committed, budget.seq))
+    return steps
+
+
+@dataclass(frozen=True)
+class ReturnStep:
+    """One voucher's return (a revocation took effect): `amount` came back to `budget`, whose step it is."""
+
+    voucher_id: str
+    budget: BudgetKey
+    amount: int
+    step: BudgetStep
+
+
+def give_back(budgets: dict[BudgetKey, BudgetState], returned: Sequence[tuple[str, BudgetKey, int]]) -> list[ReturnStep]:
+    """Apply returns (voucher id, its budget, value) in order to `budgets` (mutated): each lowers committed, never
+    below zero, and is one step of the budget. Zero returns change nothing."""
+    steps = []
+    for voucher_id, key, amount in returned:
+        assert amount >= 0
+        if not amount:
+            continue
+        budget = budgets[key]
+        budget.committed -= amount
+        budget.seq += 1
+        assert 0 <= budget.committed <= budget.amount, "more came back than a budget had committed"
+        steps.append(ReturnStep(voucher_id, key, amount, BudgetStep(budget.seq, budget.amount, budget.committed)))
     return steps

@@ -39,17 +39,20 @@ SELECT year FROM budgets WHERE city = $1 AND program = $2 ORDER BY year FOR UPDA
 PROGRAM_MINTED_SQL: Final = "SELECT EXISTS (SELECT 1 FROM vouchers WHERE city = $1 AND program = $2)"
 
 # --- budgets: set under the city row's lock (BudgetSet is city-keyed) --------------------------------------------
+# `seq` is the budget's step count (migration 005): every statement below that changes amount or committed raises it
+# by the steps its transaction's events carry, and checks it was what the events were numbered from.
+# A new budget's BudgetSet is its step 1.
 INSERT_BUDGET_SQL: Final = """
-INSERT INTO budgets (city, program, year, amount, enterprise_cap, year_end) VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO budgets (city, program, year, amount, enterprise_cap, year_end, seq) VALUES ($1, $2, $3, $4, $5, $6, 1)
 ON CONFLICT (city, program, year) DO NOTHING
-RETURNING amount, committed"""
+RETURNING amount, committed, seq"""
 LOCK_BUDGET_SQL: Final = """
-SELECT amount, committed, enterprise_cap, year_end FROM budgets WHERE city = $1 AND program = $2 AND year = $3
+SELECT amount, committed, enterprise_cap, year_end, seq FROM budgets WHERE city = $1 AND program = $2 AND year = $3
 FOR UPDATE"""
 UPDATE_BUDGET_SQL: Final = """
-UPDATE budgets SET amount = $4, enterprise_cap = $5, year_end = $6, updated_at = now()
+UPDATE budgets SET amount = $4, enterprise_cap = $5, year_end = $6, seq = seq + 1, updated_at = now()
 WHERE city = $1 AND program = $2 AND year = $3 AND committed <= $4
-RETURNING amount, committed"""
+RETURNING amount, committed, seq"""
 GET_BUDGET_SQL: Final = """
 SELECT city, program, year, amount, committed, enterprise_cap, year_end FROM budgets
 WHERE city = $1 AND program = $2 AND year = $3"""
@@ -78,7 +81,7 @@ HOMES_SQL: Final = """
 SELECT voucher_id::text, city, program, year, beneficiary FROM vouchers WHERE voucher_id = ANY($1::uuid[])"""
 LOCK_CITIES_SQL: Final = "SELECT city FROM cities WHERE city = ANY($1::text[]) ORDER BY city FOR UPDATE"
 GET_BUDGETS_SQL: Final = """
-SELECT b.city, b.program, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end
+SELECT b.city, b.program, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end, b.seq
 FROM budgets b JOIN unnest($1::text[], $2::text[], $3::int[]) AS k(city, program, year) USING (city, program, year)"""
 # A carry into a year that has no budget yet creates it (under the city row's lock, like set_budget).
 INSERT_BUDGETS_SQL: Final = """
@@ -90,18 +93,22 @@ RETURNING city, program, year"""
 LOCK_VOUCHERS_SQL: Final = """
 SELECT voucher_id::text, status, amount, returned, lapsed, carried FROM vouchers WHERE voucher_id = ANY($1::uuid[])
 ORDER BY voucher_id FOR UPDATE"""
-# The final arbiter: committed (and an enterprise's usage) only ever go down by what is there.
+# The final arbiter: committed (and an enterprise's usage) only ever go down by what is there. seq rises by the
+# returns' steps (one BudgetReturned per voucher), numbered from the seq locked ($6).
 RETURN_TO_BUDGETS_SQL: Final = """
-UPDATE budgets b SET committed = b.committed - k.returned, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, returned)
-WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.committed >= k.returned
-RETURNING b.city, b.program, b.year, b.amount, b.committed"""
-# Year-end carry: the next year's budget's amount rises; its committed does not change.
+UPDATE budgets b SET committed = b.committed - k.returned, seq = b.seq + k.steps, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::int[], $6::bigint[])
+     AS k(city, program, year, returned, steps, seq)
+WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.committed >= k.returned AND b.seq = k.seq
+RETURNING b.city, b.program, b.year, b.amount, b.committed, b.seq"""
+# Year-end carry: the next year's budget's amount rises; its committed does not change. seq as above (one
+# BudgetCarried per voucher).
 CARRY_INTO_BUDGETS_SQL: Final = """
-UPDATE budgets b SET amount = b.amount + k.carried, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, carried)
-WHERE b.city = k.city AND b.program = k.program AND b.year = k.year
-RETURNING b.city, b.program, b.year, b.amount, b.committed"""
+UPDATE budgets b SET amount = b.amount + k.carried, seq = b.seq + k.steps, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::int[], $6::bigint[])
+     AS k(city, program, year, carried, steps, seq)
+WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.seq = k.seq
+RETURNING b.city, b.program, b.year, b.amount, b.committed, b.seq"""
 RETURN_TO_USAGE_SQL: Final = """
 UPDATE enterprise_usage u SET used = u.used - k.returned
 FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::bigint[]) AS k(city, program, year, beneficiary, returned)
@@ -120,7 +127,7 @@ RETURNING v.voucher_id::text, v.amount, v.returned, v.lapsed, v.carried"""
 # The mint transaction, in the order it runs.
 # Budgets are keyed (city, program, year) and locked in that order.
 LOCK_BUDGETS_SQL: Final = """
-SELECT b.city, b.program, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end
+SELECT b.city, b.program, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end, b.seq
 FROM budgets b JOIN unnest($1::text[], $2::text[], $3::int[]) AS k(city, program, year) USING (city, program, year)
 ORDER BY b.city, b.program, b.year
 FOR UPDATE OF b"""
@@ -157,7 +164,8 @@ RETURNING city, program, year, beneficiary, used"""
 # capped budget's usage is written by RAISE_USAGE_SQL / INSERT_USAGE_SQL, within the cap), the vouchers inserted, and
 # their events queued in the outbox (layout: services.common.outbox; $21: topic, then per event $22: key, $23: event id,
 # $24: type, $25: payload, in order: a VoucherMinted keyed by its voucher id per single mint, a VouchersMinted keyed by
-# city per budget of a batch request).
+# city per budget of a batch request). A budget's seq rises by its steps ($26: one per VoucherMinted, one per
+# VouchersMinted), which the events were numbered with from the seq locked ($27).
 # Every row it touches is under the budget row locks the batch holds, so the order in which PostgreSQL runs the parts
 # does not matter; a budget that refuses its update fails the batch, which then rolls back whole.
 WRITE_MINTS_SQL: Final = f"""
@@ -181,10 +189,13 @@ WITH usage AS (
     FROM unnest($22::text[], $23::uuid[], $24::text[], $25::bytea[]) WITH ORDINALITY AS e(key, event_id, type, payload, n)
     ORDER BY e.n
 )
-UPDATE budgets b SET committed = b.committed + k.delta, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS k(city, program, year, delta)
+UPDATE budgets b SET committed = b.committed + k.delta, seq = b.seq + k.steps, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $26::int[], $27::bigint[])
+     AS k(city, program, year, delta, steps, seq)
 WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.committed + k.delta <= b.amount
-RETURNING b.city, b.program, b.year, b.amount, b.committed, (SELECT count(*) FROM usage) AS usage_rows"""
+  AND b.seq = k.seq
+RETURNING b.city, b.program, b.year, b.amount, b.committed, b.seq, (SELECT count(*) FROM usage) AS usage_rows"""
+
 
 
 _eligibility_decoder: Final = msgspec.json.Decoder(ev.Eligibility)
@@ -197,7 +208,7 @@ def budget_key(row: asyncpg.Record) -> BudgetKey:
 
 def budget_state(row: asyncpg.Record) -> BudgetState:
     """A locked budget row (LOCK_BUDGET_SQL, LOCK_BUDGETS_SQL) as the domain sees it."""
-    return BudgetState(row["amount"], row["committed"], row["enterprise_cap"], row["year_end"])
+    return BudgetState(row["amount"], row["committed"], row["enterprise_cap"], row["year_end"], row["seq"])
 
 
 def budget_view(row: asyncpg.Record) -> Budget:

@@ -8,7 +8,8 @@ posting moves exactly one side (debit or credit) by a positive amount. An accoun
 Postings of an entry, in the order they are listed (debit postings first, then credit postings):
 
     CitySet, ProviderSet,   no postings (the event is still journaled)
-    ProgramSet, BudgetCarried
+    ProgramSet, BudgetCarried,
+    BudgetReturned
     BudgetSet  delta > 0    D appropriation:{city}:{year} delta      C budget:{city}:{year} delta
                delta < 0    D budget:{city}:{year} |delta|           C appropriation:{city}:{year} |delta|
                delta = 0    no postings
@@ -41,7 +42,14 @@ and is counted as lapsed (expired, not carried out).
 
 A revocation is a saga: VoucherRevoked (issuing) is the intent and always carries returned = 0, so it posts nothing;
 VoucherFrozen (redemption) moves what was actually unspent when the voucher was frozen, and again any refund made
-on the frozen voucher afterwards. Both count as "revoked" in the city report.
+on the frozen voucher afterwards. Both count as "revoked" in the city report. BudgetReturned (issuing: the budget's
+side, its committed lowered) carries no postings, as BudgetCarried: the value moved on the VoucherFrozen entry.
+
+Budget history: an event that is a step of a budget (BudgetSet, VoucherMinted, VouchersMinted, BudgetReturned,
+BudgetCarried, each with `budget_seq`) is journaled with its step in the leaf, as leaf version 2 (`leaf_v2`:
+{city, program, year, seq, amount, committed} after the step, and what a BudgetReturned returned or a BudgetCarried
+carried, which no posting shows); every other entry, and an event written before budget history, keeps leaf
+version 1. The postings do not change. GET /v1/entries serves the step as the entry's `budget`, read from its leaf.
 
 A posting whose amount would be zero is omitted (a capture of 0 has no provider posting; a revocation that returned
 0 has none at all). `hold:` accounts are per voucher (CONTRACT.md: `hold:{voucher_id}`), not per hold.
@@ -170,7 +178,7 @@ def event_type(event: ev.Event) -> str:
 def postings(event: ev.Event) -> list[Posting]:
     """The postings of `event`'s journal entry, in the documented order (module docstring)."""
     match event:
-        case ev.CitySet() | ev.ProviderSet() | ev.ProgramSet() | ev.BudgetCarried():
+        case ev.CitySet() | ev.ProviderSet() | ev.ProgramSet() | ev.BudgetCarried() | ev.BudgetReturned():
             return []
         case ev.BudgetSet(data=d):
             if d.delta >= 0:
@@ -258,9 +266,11 @@ def journal_entry(index: int, event: ev.Event) -> JournalEntry:
                                f"{BIGINT_MAX}")
     check_balanced(entry_postings)
     type_ = event_type(event)
+    step = budget_step(event)
+    leaf = (leaf_v1(index, event.event_id, type_, event.occurred_at, entry_postings) if step is None
+            else leaf_v2(index, event.event_id, type_, event.occurred_at, entry_postings, step))
     return JournalEntry(index=index, event_id=event.event_id, type=type_, occurred_at=event.occurred_at,
-                        postings=entry_postings,
-                        leaf=leaf_v1(index, event.event_id, type_, event.occurred_at, entry_postings))
+                        postings=entry_postings, leaf=leaf)
 
 
 # --- the city report --------------------------------------------------------------------------------------------------
@@ -303,7 +313,7 @@ def report_delta(event: ev.Event, entry_postings: list[Posting]) -> list[tuple[C
     += v).
     """
     match event:
-        case ev.CitySet() | ev.ProviderSet() | ev.ProgramSet() | ev.BudgetCarried():
+        case ev.CitySet() | ev.ProviderSet() | ev.ProgramSet() | ev.BudgetCarried() | ev.BudgetReturned():
             return None
         case ev.BudgetSet(data=d):
             counters = {"budget": d.delta}
@@ -347,8 +357,8 @@ def voucher_homes(event: ev.Event) -> list[tuple[str, CityYear]]:
 def voucher_home(event: ev.Event) -> tuple[str, CityYear] | None:
     """(voucher_id, its city, year and program) for any voucher event: scopes voucher: and hold: accounts to a
     city. (BudgetCarried names the voucher it carried from, but concerns the budget of the next year: no home;
-    VouchersMinted names many: `voucher_homes`.)"""
-    if isinstance(event, (ev.BudgetCarried, ev.VouchersMinted)):
+    BudgetReturned concerns the budget, whose step it is: no home; VouchersMinted names many: `voucher_homes`.)"""
+    if isinstance(event, (ev.BudgetCarried, ev.BudgetReturned, ev.VouchersMinted)):
         return None
     data = event.data
     voucher_id = getattr(data, "voucher_id", None)
@@ -386,7 +396,8 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
     without their per-event regexes: the names are built by the chart's functions from ids and years the event
     schema validated when the consumer decoded them, and the leaf is written by `_fast_leaf`, which checks that no
     field needs a JSON escape (else the event takes the general path, with every check). Every other event, and a
-    fast-path event with an amount outside 1..BIGINT_MAX, takes the general path.
+    fast-path event with an amount outside 1..BIGINT_MAX, takes the general path. A mint with a budget step is
+    written as leaf v2 on the fast path too (`_fast_budget`).
     """
     assert size >= 0, size
     seen = set(journaled)
@@ -417,19 +428,24 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
                 if key is None:
                     key = city_years[raw_key] = CityYear(*raw_key)
                 voucher_name = "voucher:" + d.voucher_id
+                step: str | None = ""
                 if kind is minted_type:
                     type_, counter, outstanding = "VoucherMinted", _ISSUED, amount
                     debit_name = budget_names.get(key)
                     if debit_name is None:
                         debit_name = budget_names[key] = budget(*key)
                     credit_name = voucher_name
+                    if d.budget_seq is not None:
+                        step = _fast_budget(d.city, d.program, d.year, d.budget_seq, d.budget_amount,
+                                            d.budget_committed)
                 else:
                     type_, counter, outstanding = "VoucherRedeemed", _REDEEMED, -amount
                     debit_name, credit_name = voucher_name, "provider:" + d.provider
                 at = occurred.get(event.occurred_at)
                 if at is None:
                     at = occurred[event.occurred_at] = format_occurred_at(event.occurred_at)
-                leaf = _fast_leaf(index, event_id, type_, at, debit_name, credit_name, amount)
+                leaf = None if step is None else _fast_leaf(index, event_id, type_, at, debit_name, credit_name,
+                                                            amount, step)
                 if leaf is not None:
                     entries.append(JournalEntry(
                         index=index, event_id=event_id, type=type_, occurred_at=event.occurred_at,
@@ -469,7 +485,10 @@ def journal_batch(size: int, events: Sequence[ev.Event], journaled: set[str]) ->
                 if at is None:
                     at = occurred[event.occurred_at] = format_occurred_at(event.occurred_at)
                 credits = [("voucher:" + v.voucher_id, v.amount) for v in d.vouchers]
-                leaf = _fast_batch_leaf(index, event_id, at, debit_name, amount, credits)
+                step = "" if d.budget_seq is None else _fast_budget(d.city, d.program, d.year, d.budget_seq,
+                                                                   d.budget_amount, d.budget_committed)
+                leaf = None if step is None else _fast_batch_leaf(index, event_id, at, debit_name, amount, credits,
+                                                                  step)
                 if leaf is not None and len({name for name, _ in credits}) == len(credits):
                     entries.append(JournalEntry(
                         index=index, event_id=event_id, type="VouchersMinted", occurred_at=event.occurred_at,
@@ -614,37 +633,158 @@ def leaf_v1(index: int, event_id: str, type: str, occurred_at: dt.datetime, post
     return LEAF_V1_PREFIX + _leaf_encoder.encode(body)
 
 
+# --- leaf bytes, version 2: an entry that is a step of a budget ------------------------------------------------------
+
+LEAF_V2_PREFIX: Final = b"cvl-leaf-v2\n"
+_ID_RE: Final = re.compile(ID_PATTERN)
+
+
+class LeafBudget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A budget's step as leaf v2 holds it (and GET /v1/entries serves it as the entry's `budget`): the budget after
+    the step, and what a BudgetCarried carried or a BudgetReturned returned (the only steps whose amount no posting
+    shows). Fields in sorted key order, as in the leaf."""
+
+    amount: int
+    carried: int | None = None
+    city: str
+    committed: int
+    program: str
+    returned: int | None = None
+    seq: int
+    year: int
+
+
+class LeafV2(msgspec.Struct, frozen=True):
+    budget: LeafBudget
+    event_id: str
+    index: int
+    occurred_at: str
+    postings: list[LeafPostingV1]
+    type: str
+
+
+def budget_step(event: ev.Event) -> LeafBudget | None:
+    """The budget step an event carries (None: it changes no budget, or was written before budget history)."""
+    match event:
+        case ev.BudgetSet(data=d) | ev.VoucherMinted(data=d) | ev.VouchersMinted(data=d):
+            extra = {}
+        case ev.BudgetCarried(data=d):
+            extra = {"carried": d.amount}
+        case ev.BudgetReturned(data=d):
+            extra = {"returned": d.amount}
+        case _:
+            return None
+    if d.budget_seq is None:
+        return None
+    if d.budget_amount is None or d.budget_committed is None:
+        raise InvalidEvent(f"{event_type(event)} {event.event_id}: budget_seq {d.budget_seq} without the budget's "
+                           f"amount and committed")
+    return LeafBudget(amount=d.budget_amount, city=d.city, committed=d.budget_committed, program=d.program,
+                      seq=d.budget_seq, year=d.year, **extra)
+
+
+def leaf_v2(index: int, event_id: str, type: str, occurred_at: dt.datetime, postings: Iterable[Posting],
+            step: LeafBudget) -> bytes:
+    """The leaf of an entry that is a step of a budget: leaf v1's fields and rules, and the step.
+
+    leaf = b"cvl-leaf-v2\\n" ‖ JSON, where JSON is the UTF-8 object
+
+        {"budget":B,"event_id":E,"index":I,"occurred_at":T,"postings":[P,...],"type":Y}
+        B = {"amount":A,"carried":X,"city":C,"committed":M,"program":G,"returned":R,"seq":S,"year":V}
+
+    - E, I, T, P, Y as in leaf v1 (`leaf_v1`); keys sorted at every level, no whitespace;
+    - C: the city id, G: the program id, spelled out even when it is `default` (both [a-z0-9-] only), V: the year;
+    - S: the budget's step (1, 2, 3... per (city, program, year)); A and M: the budget's amount and committed after
+      the step; X (only on a BudgetCarried): what the carry raised the amount by; R (only on a BudgetReturned): what
+      came back (committed fell by it); the key is absent on every other entry;
+    - integers in plain decimal, as in leaf v1.
+
+    Example: the mint of leaf v1's example, the budget's 7th step (wrapped at the "\\"):
+
+        cvl-leaf-v2
+        {"budget":{"amount":5000000000,"city":"wuxi","committed":1500,"program":"default","seq":7,"year":2026},\\
+        "event_id":"df439b4a-932b-4055-ae24-3f4cda415854","index":3,"occurred_at":"2026-03-01T08:00:00.000000Z",\\
+        "postings":[{"account":"budget:wuxi:2026","credit":0,"debit":500},\\
+        {"account":"voucher:cafe0bca-b754-4088-ae3f-e909a55702b9","credit":500,"debit":0}],"type":"VoucherMinted"}
+
+    Raises ValueError for fields outside these forms.
+    """
+    v1 = leaf_v1(index, event_id, type, occurred_at, postings)  # checks the fields leaf v1 has
+    for name in ("city", "program"):
+        if not _ID_RE.match(getattr(step, name)):
+            raise ValueError(f"budget {name} {getattr(step, name)!r} is not an id")
+    for name in ("amount", "carried", "committed", "returned", "seq", "year"):
+        value = getattr(step, name)
+        if value is None and name in ("carried", "returned"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= BIGINT_MAX:
+            raise ValueError(f"budget {name} {value!r} must be an integer in 0..{BIGINT_MAX}")
+    if step.seq < 1:
+        raise ValueError(f"budget seq {step.seq} must be 1 or more")
+    body = msgspec.json.decode(v1[len(LEAF_V1_PREFIX):], type=LeafV1)
+    return LEAF_V2_PREFIX + _leaf_encoder.encode(LeafV2(
+        budget=step, event_id=body.event_id, index=body.index, occurred_at=body.occurred_at, postings=body.postings,
+        type=body.type))
+
+
+def leaf_budget(leaf: bytes) -> LeafBudget | None:
+    """The budget step a stored leaf holds (leaf v2), or None (leaf v1)."""
+    if not leaf.startswith(LEAF_V2_PREFIX):
+        return None
+    return _leaf_v2_decoder.decode(leaf[len(LEAF_V2_PREFIX):]).budget
+
+
+_leaf_v2_decoder: Final = msgspec.json.Decoder(LeafV2)
+
+
+def _fast_budget(city: str, program: str, year: int, seq: int, amount: int | None,
+                 committed: int | None) -> str | None:
+    """The `"budget":{...},` part of a fast leaf v2 (`_fast_leaf`, `_fast_batch_leaf`); None when a field is not
+    what `leaf_v2` accepts (the caller then takes the general path, which names it)."""
+    if not (type(seq) is int and type(amount) is int and type(committed) is int and type(year) is int
+            and 1 <= seq <= BIGINT_MAX and 0 <= amount <= BIGINT_MAX and 0 <= committed <= BIGINT_MAX):
+        return None
+    return (f'"budget":{{"amount":{amount},"city":"{city}","committed":{committed},"program":"{program}",'
+            f'"seq":{seq},"year":{year}}},')
+
+
+_FAST_BUDGET_QUOTES: Final = 2 * (1 + 6) + 2 * 2  # "budget" and its 6 keys, then 2 strings
+
+
 def _fast_leaf(index: int, event_id: str, type_: str, occurred_at: str, debit_account: str, credit_account: str,
-               amount: int) -> bytes | None:
+               amount: int, step: str = "") -> bytes | None:
     """`leaf_v1` of an entry of two postings (`amount` from `debit_account` to `credit_account`), written in one
     format call; None when a field holds a character JSON would escape (the caller then takes `leaf_v1`'s path).
+    With `step` (`_fast_budget`'s text), `leaf_v2` of it.
 
     `leaf_v1` encodes with msgspec, which escapes only '"', '\\\\' and control characters and writes every other
     character as itself; so for fields free of those, and integers of type int, this string is byte for byte what
     it writes (tests/test_domain_ledger.py compares them). The check is one pass over the text: printable, no
     backslash, and exactly the quotes the format itself writes (a quote inside a field would add some).
     """
-    text = (f'{{"event_id":"{event_id}","index":{index},"occurred_at":"{occurred_at}","postings":['
+    text = (f'{{{step}"event_id":"{event_id}","index":{index},"occurred_at":"{occurred_at}","postings":['
             f'{{"account":"{debit_account}","credit":0,"debit":{amount}}},'
             f'{{"account":"{credit_account}","credit":{amount},"debit":0}}],"type":"{type_}"}}')
-    if text.isprintable() and "\\" not in text and text.count('"') == _FAST_LEAF_QUOTES and index >= 0:
-        return LEAF_V1_PREFIX + text.encode()
+    quotes = _FAST_LEAF_QUOTES + (_FAST_BUDGET_QUOTES if step else 0)
+    if text.isprintable() and "\\" not in text and text.count('"') == quotes and index >= 0:
+        return (LEAF_V2_PREFIX if step else LEAF_V1_PREFIX) + text.encode()
     return None
 
 
 def _fast_batch_leaf(index: int, event_id: str, occurred_at: str, debit_account: str, amount: int,
-                     credits: list[tuple[str, int]]) -> bytes | None:
+                     credits: list[tuple[str, int]], step: str = "") -> bytes | None:
     """`leaf_v1` of a VouchersMinted entry (`amount` from `debit_account`, then each (account, credit) of
     `credits`), written by joining formatted parts; None when a field holds a character JSON would escape. The same
-    argument as `_fast_leaf`'s: for such fields these are msgspec's bytes (tests/test_domain_ledger.py compares)."""
+    argument as `_fast_leaf`'s: for such fields these are msgspec's bytes (tests/test_domain_ledger.py compares).
+    With `step` (`_fast_budget`'s text), `leaf_v2` of it."""
     text = "".join((
-        f'{{"event_id":"{event_id}","index":{index},"occurred_at":"{occurred_at}","postings":['
+        f'{{{step}"event_id":"{event_id}","index":{index},"occurred_at":"{occurred_at}","postings":['
         f'{{"account":"{debit_account}","credit":0,"debit":{amount}}}',
         *[f',{{"account":"{name}","credit":{credit},"debit":0}}' for name, credit in credits],
         '],"type":"VouchersMinted"}'))
-    quotes = 2 * (5 + 3) + 2 * (3 + 1) * (1 + len(credits))
+    quotes = 2 * (5 + 3) + 2 * (3 + 1) * (1 + len(credits)) + (_FAST_BUDGET_QUOTES if step else 0)
     if text.isprintable() and "\\" not in text and text.count('"') == quotes and index >= 0:
-        return LEAF_V1_PREFIX + text.encode()
+        return (LEAF_V2_PREFIX if step else LEAF_V1_PREFIX) + text.encode()
     return None
 
 

@@ -270,3 +270,11 @@ def note_body(note: str) -> str:
     if not sep:
         raise NoteError("the note has no blank line before its signatures")
     return text + "\n"
+
+
+if __name__ == "__main__":
+    # `python -m services.ledger.notes`: print the log's verifier key, creating the key once exactly as the ledger
+    # does (CVL_LOG_KEY, else .run/log.key), so deploy/services.sh can configure a witness before the ledger starts.
+    from services.common import settings as _settings
+
+    print(load_log_key(_settings.run_dir(), origin_from_env()).verifier())

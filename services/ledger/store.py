@@ -10,7 +10,9 @@ from typing import Final
 
 import asyncpg
 
-from schemas.ledger import Account, CheckpointView, CityReport, Entry, Posting, TrialBalance
+from schemas.ledger import Account, CheckpointView, CityReport, Entry, EntryBudget, Posting, TrialBalance
+
+from . import domain
 
 # --- the journal (commands.journal), in the order it runs -------------------------------------------------------------
 
@@ -194,6 +196,7 @@ FROM accounts a, LATERAL (SELECT sum(p.debit) AS debits, sum(p.credit) AS credit
                           WHERE p.account = $1 AND p.entry_index >= $2) s
 WHERE a.account = $1"""
 
+
 # --- views ------------------------------------------------------------------------------------------------------------
 
 def b64(raw: bytes) -> str:
@@ -238,13 +241,22 @@ def trial_balance_view(row: asyncpg.Record) -> TrialBalance:
 
 
 def entries_view(journal: list[asyncpg.Record], postings: list[asyncpg.Record]) -> list[Entry]:
-    """Entries as stored: the leaf is served as written, so an auditor's verifier, not this server, judges it."""
+    """Entries as stored: the leaf is served as written, so an auditor's verifier, not this server, judges it. An
+    entry that is a step of a budget (leaf v2) also shows the step, read from its leaf (`budget_view`)."""
     by_entry: dict[int, list[Posting]] = defaultdict(list)
     for p in postings:
         by_entry[p["entry_index"]].append(Posting(account=p["account"], debit=p["debit"], credit=p["credit"]))
     return [Entry(index=j["index"], event_id=j["event_id"], type=j["type"], occurred_at=j["occurred_at"],
-                  postings=by_entry.get(j["index"], []), leaf=b64(j["leaf"]))
+                  postings=by_entry.get(j["index"], []), leaf=b64(j["leaf"]), budget=budget_view(j["leaf"]))
             for j in journal]
+
+
+def budget_view(leaf: bytes) -> EntryBudget | None:
+    step = domain.leaf_budget(bytes(leaf))
+    if step is None:
+        return None
+    return EntryBudget(city=step.city, program=step.program, year=step.year, seq=step.seq, amount=step.amount,
+                       committed=step.committed, carried=step.carried, returned=step.returned)
 
 
 def checkpoint_view(row: asyncpg.Record) -> CheckpointView:
