@@ -28,7 +28,7 @@ import msgspec
 
 from . import merkle, note
 from . import types as t
-from .errors import ApiError, NotConsistent, NotFound, ProofError, TransportError, from_problem
+from .errors import ApiError, NotConsistent, NotFound, ProofError, ProviderNotEligible, TransportError, from_problem
 from .limits import (
     ATTEMPTS_MAX, BACKOFF_BASE_S, BACKOFF_MAX_S, PAGES_MAX, RETRY_AFTER_MAX_S, TIMEOUT_S, WAIT_POLL_MAX_S,
     WAIT_POLL_MIN_S,
@@ -317,13 +317,14 @@ class RedemptionClient(_SyncClient, _RedemptionCalls):
         return self._run(self._voucher(voucher_id))
 
     def wait_redeemable(self, voucher_id: str, timeout_s: float) -> t.VoucherBalance:
-        """The voucher once the redemption service knows it (a mint reaches it through Kafka, so a new voucher is
-        404 for a moment); NotFound after `timeout_s`."""
+        """The voucher once the redemption service knows it and this provider may redeem it (a mint reaches it
+        through Kafka, so a new voucher is 404 for a moment; a provider whitelisted for the city just now is 403
+        provider_not_eligible until its ProviderSet has arrived too); the last of those errors after `timeout_s`."""
         deadline, pause_s = time.monotonic() + timeout_s, WAIT_POLL_MIN_S
         while True:
             try:
                 return self.voucher(voucher_id)
-            except NotFound:
+            except (NotFound, ProviderNotEligible):
                 if time.monotonic() + pause_s > deadline:
                     raise
             time.sleep(pause_s)
@@ -509,7 +510,7 @@ class AsyncRedemptionClient(_AsyncClient, _RedemptionCalls):
         while True:
             try:
                 return await self.voucher(voucher_id)
-            except NotFound:
+            except (NotFound, ProviderNotEligible):
                 if time.monotonic() + pause_s > deadline:
                     raise
             await asyncio.sleep(pause_s)
