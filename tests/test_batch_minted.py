@@ -226,14 +226,14 @@ async def test_a_mint_written_beside_a_parking_revocation_is_frozen_by_the_sweep
 
 
 async def test_ledger_voucher_homes_move_onto_their_accounts(tmp_path: Path):
-    """008_voucher_homes_in_accounts.sql: a ledger written before it keeps every voucher's home, now on the
+    """009_voucher_homes_in_accounts.sql: a ledger written before it keeps every voucher's home, now on the
     voucher: and hold: accounts' rows (the voucher table it replaces is gone)."""
     from services.ledger import commands as ledger_commands
     ledger_migrations = Path(ledger_commands.__file__).parent / "migrations"
     old = tmp_path / "ledger" / "migrations"
     old.mkdir(parents=True)
     for f in sorted(ledger_migrations.glob("*.sql")):
-        if f.name < "008":
+        if f.name < "009":
             old.joinpath(f.name).write_text(f.read_text())
     async with scratch_database("cvl_homes") as dsn:
         settings = Settings(service="ledger", port=0, pg_dsn=dsn, kafka_bootstrap="unused", topic_issuing="unused",
