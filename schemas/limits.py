@@ -71,6 +71,10 @@ LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted 
 RATE_LIMIT_PER_S: Final = 20_000.0         # requests a principal may make per second, sustained (CVL_RATE_LIMIT_PER_S) ...
 RATE_LIMIT_BURST: Final = 40_000           # ... and at once (CVL_RATE_LIMIT_BURST): a guard against a runaway client
 RATE_LIMIT_PRINCIPALS_MAX: Final = 100_000  # principals whose buckets a process keeps (the oldest goes first)
+REQUEST_ID_LENGTH_MAX: Final = 128         # a caller's X-Request-Id (visible ASCII) is kept up to this, else replaced
+REQUEST_IDS_DRAWN_AT_ONCE: Final = 256     # new request ids drawn from the OS's random source per read
+ACCESS_LOG_FLUSH_S: Final = 0.25           # access lines wait at most this long in their buffer ...
+ACCESS_LOG_BUFFER_BYTES_MAX: Final = 64 * 1024  # ... or until this many bytes are buffered (one write each)
 
 # --- minting (the hot budget account) --------------------------------------------------------------------------------
 MINT_BATCH_MAX: Final = 1000               # vouchers one writer commits in one transaction
