@@ -89,6 +89,10 @@ EXCEPTION_CHAIN_DEPTH_MAX: Final = 8       # causes followed when asking "is the
 
 # --- Kafka, the outbox relay and consumers ---------------------------------------------------------------------------
 KAFKA_PARTITIONS: Final = 12
+KAFKA_REPLICATION_FACTOR: Final = 1        # one broker (CVL_KAFKA_REPLICATION_FACTOR; 3 on a three-broker cluster)
+KAFKA_MIN_INSYNC_REPLICAS: Final = 1       # (CVL_KAFKA_MIN_INSYNC_REPLICAS; 2 on a three-broker cluster)
+KAFKA_PARTITIONS_MAX: Final = 1000         # CVL_KAFKA_PARTITIONS may raise KAFKA_PARTITIONS (the default) up to this
+KAFKA_REPLICATION_FACTOR_MAX: Final = 7    # replicas of a partition (and so in-sync replicas) at most
 KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
 TOPIC_STARTUP_WAIT_S: Final = 90.0         # how long a starting service waits for the broker to create its topics
 TOPIC_SETUP_RETRY_S: Final = 1.0           # pause between topic setup attempts while the broker starts
