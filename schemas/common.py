@@ -56,3 +56,4 @@ class Problem(msgspec.Struct, omit_defaults=True):
     detail: str
     code: str
     field: str | None = None
+    request_id: str | None = None  # the request's X-Request-Id (CONTRACT.md, "Requests are traceable")

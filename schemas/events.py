@@ -22,6 +22,7 @@ from .common import (
     ProviderId, PurposeId, Reason, SubsidyRatioBp, Timestamp, Uuid, Year,
 )
 from .limits import AMOUNT_MAX, PURPOSES_PER_PROGRAM_MAX, TOKEN_JTI_LENGTH_MAX, VOUCHERS_PER_EVENT_MAX
+from .limits import REQUEST_ID_LENGTH_MAX
 
 TOPIC_ISSUING: Final = "cvl.issuing.v1"
 TOPIC_REDEMPTION: Final = "cvl.redemption.v1"
@@ -276,11 +277,15 @@ class RedemptionRefundedData(msgspec.Struct, kw_only=True):
 
 
 
-class Envelope(msgspec.Struct, kw_only=True, tag_field="type"):
+class Envelope(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=True):
     event_id: Uuid
     occurred_at: Timestamp
     producer: str
     actor: str
+    # The X-Request-Id of the request that caused the event (CONTRACT.md, "Requests are traceable"); None (and left
+    # out of the JSON, so an event without one is encoded as before) for events no request caused: consumers,
+    # sweepers. omit_defaults reaches no other field: the envelope's others and `data` have no default.
+    request_id: Annotated[str, Meta(min_length=1, max_length=REQUEST_ID_LENGTH_MAX)] | None = None
 
 
 class CitySet(Envelope, tag="CitySet"):

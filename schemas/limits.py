@@ -71,6 +71,10 @@ LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted 
 RATE_LIMIT_PER_S: Final = 20_000.0         # requests a principal may make per second, sustained (CVL_RATE_LIMIT_PER_S) ...
 RATE_LIMIT_BURST: Final = 40_000           # ... and at once (CVL_RATE_LIMIT_BURST): a guard against a runaway client
 RATE_LIMIT_PRINCIPALS_MAX: Final = 100_000  # principals whose buckets a process keeps (the oldest goes first)
+REQUEST_ID_LENGTH_MAX: Final = 128         # a caller's X-Request-Id (visible ASCII) is kept up to this, else replaced
+REQUEST_IDS_DRAWN_AT_ONCE: Final = 256     # new request ids drawn from the OS's random source per read
+ACCESS_LOG_FLUSH_S: Final = 0.25           # access lines wait at most this long in their buffer ...
+ACCESS_LOG_BUFFER_BYTES_MAX: Final = 64 * 1024  # ... or until this many bytes are buffered (one write each)
 
 # --- minting (the hot budget account) --------------------------------------------------------------------------------
 MINT_BATCH_MAX: Final = 1000               # vouchers one writer commits in one transaction
@@ -85,6 +89,10 @@ EXCEPTION_CHAIN_DEPTH_MAX: Final = 8       # causes followed when asking "is the
 
 # --- Kafka, the outbox relay and consumers ---------------------------------------------------------------------------
 KAFKA_PARTITIONS: Final = 12
+KAFKA_REPLICATION_FACTOR: Final = 1        # one broker (CVL_KAFKA_REPLICATION_FACTOR; 3 on a three-broker cluster)
+KAFKA_MIN_INSYNC_REPLICAS: Final = 1       # (CVL_KAFKA_MIN_INSYNC_REPLICAS; 2 on a three-broker cluster)
+KAFKA_PARTITIONS_MAX: Final = 1000         # CVL_KAFKA_PARTITIONS may raise KAFKA_PARTITIONS (the default) up to this
+KAFKA_REPLICATION_FACTOR_MAX: Final = 7    # replicas of a partition (and so in-sync replicas) at most
 KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
 TOPIC_STARTUP_WAIT_S: Final = 90.0         # how long a starting service waits for the broker to create its topics
 TOPIC_SETUP_RETRY_S: Final = 1.0           # pause between topic setup attempts while the broker starts

@@ -196,9 +196,10 @@ class Stack:
         self.procs.clear()
 
 
-async def create_stack() -> Stack:
+async def create_stack(extra_env: dict[str, str] | None = None) -> Stack:
     """A fresh database, topics and groups, and the services started and ready (issuing first: it creates the
-    topics). `CVL_TEST_SERVICES` (default "redemption,ledger") says which consumers to start besides issuing."""
+    topics). `CVL_TEST_SERVICES` (default "redemption,ledger") says which consumers to start besides issuing.
+    `extra_env` overrides the services' environment (another Kafka cluster and its topic settings, say)."""
     infra = infra_env()
     run = secrets.token_hex(4)
     dsn = await create_database("cvl_test")
@@ -218,6 +219,7 @@ async def create_stack() -> Stack:
         "CVL_TOKEN_ISSUER": DEFAULT_TOKEN_ISSUER,
         "CVL_TOKEN_AUDIENCE": DEFAULT_TOKEN_AUDIENCE,
         "CVL_PG_POOL_MAX": str(STACK_PG_POOL_MAX),
+        **(extra_env or {}),
     }
     stack = Stack(env=env, dsn=dsn, token_dir=token_dir, topics=topics)
     await stack.wait_ready(stack.start("issuing"))

@@ -497,10 +497,13 @@ def tamper_duplicate(w, lines):
 def tamper_signature(w, lines):
     i = next(i for i, x in enumerate(lines) if "checkpoint" in x)
     cp = lines[i]["checkpoint"]
-    body, signature = cp["note"].rsplit(" ", 1)
+    # The log's own signature: the first line after the blank one (witnesses' cosignatures, if any, follow it).
+    text, signatures = cp["note"].split("\n\n", 1)
+    first, rest = signatures.split("\n", 1)
+    name, signature = first.rsplit(" ", 1)
     raw = bytearray(base64.b64decode(signature))
     raw[10] ^= 0x01
-    cp["note"] = body + " " + base64.b64encode(bytes(raw)).decode() + "\n"
+    cp["note"] = text + "\n\n" + name + " " + base64.b64encode(bytes(raw)).decode() + "\n" + rest
     return lines, (rf"^FAILED: checkpoint of size {cp['tree_size']} \(export checkpoint line 1\): the signature by "
                    rf"\S+ \([0-9a-f]{{8}}\) is not valid for this note")
 

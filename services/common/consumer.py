@@ -22,7 +22,7 @@ from aiokafka.errors import CommitFailedError
 
 from schemas.events import Event, VouchersMinted, decode_event
 
-from . import metrics
+from . import kafka, metrics
 from .settings import Settings
 from schemas.limits import (
     CONSUMER_BATCH_MAX, CONSUMER_COMMIT_INTERVAL_S, CONSUMER_TRANSACTION_WEIGHT_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
@@ -95,7 +95,7 @@ class Consumer:
         while not self._stopping:
             consumer = AIOKafkaConsumer(
                 *self.topics,
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                **kafka.client_options(self.settings),
                 group_id=self.group,
                 client_id=f"cvl-{self.settings.service}",
                 enable_auto_commit=False,

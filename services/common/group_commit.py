@@ -14,17 +14,18 @@ callers is answered.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Generic, Protocol, TypeVar
 
 import asyncpg
 
 from schemas.limits import PG_COMMAND_TIMEOUT_S
 
-from . import db
+from . import db, request_ids
 from .errors import RateLimited, ServiceError, Unavailable
 
 QUEUED: Final = "queued"        # waiting in its writer's queue
@@ -48,6 +49,9 @@ class Command:
     answered: bool = False
     error: ServiceError | None = None
     late: asyncio.Future | None = None
+    # The X-Request-Id of the request that made the command (services.common.request_ids): the writer builds the
+    # events of many requests in one task, so each command carries its own into its events' envelopes.
+    request_id: str | None = field(default_factory=request_ids.current.get)
 
     def abandon(self) -> bool:
         """The caller has gone. True: the command will not be written (a writer skips or drops it). False: it is
@@ -108,7 +112,8 @@ class GroupCommit(Generic[C, O]):
             raise Unavailable(SHUTTING_DOWN)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=self.name)
+            # An empty context: the writer serves every request, not the one that happened to start it.
+            self._task = asyncio.create_task(self._run(), name=self.name, context=contextvars.Context())
         try:
             self._queue.put_nowait((command, future))
         except asyncio.QueueFull as exc:

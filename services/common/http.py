@@ -1,8 +1,8 @@
 """The HTTP edge shared by the services: routes with their types, errors as problems, auth, idempotency,
 health, metrics, OpenAPI, and a server with graceful shutdown.
 
-One middleware (`edge_middleware`) does, outermost first: metrics (counts and times what the client saw, problems
-included) → errors (every failure becomes a problem+json) → rate limit per principal → time limit → handler. Authentication is explicit in each
+One middleware (`edge_middleware`) does, outermost first: the request id and the access log line → metrics (counts
+and times what the client saw, problems included) → errors (every failure becomes a problem+json) → rate limit per principal → time limit → handler. Authentication is explicit in each
 handler (`principal(request)`), so a reader sees the roles next to the rule they protect.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from schemas.limits import (
     SHUTDOWN_TIMEOUT_S,
 )
 
-from . import auth, db, idempotency, jwks, kafka, metrics, ratelimit, revocations, tasks
+from . import auth, db, idempotency, jwks, kafka, metrics, ratelimit, request_ids, revocations, tasks
+from .access_log import STATUS_CLIENT_GONE, AccessLog
 from .errors import NotFound, PayloadTooLarge, RateLimited, ServiceError, Unavailable, ValidationFailed
 from .settings import Settings
 
@@ -67,8 +68,10 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 def problem(err: ServiceError) -> Problem:
+    """The problem of a failure, with the id of the request being answered (`request_ids.current`), if any."""
     return Problem(type=f"https://cvl.example/problems/{err.code.replace('_', '-')}", title=err.title,
-                   status=err.status, detail=err.detail, code=err.code, field=err.field)
+                   status=err.status, detail=err.detail, code=err.code, field=err.field,
+                   request_id=request_ids.current.get())
 
 
 def problem_response(err: ServiceError) -> web.Response:
@@ -243,11 +246,16 @@ def rate_limited(wait_s: float) -> RateLimited:
 
 
 def edge_middleware(service: str, request_timeout_s: float, verifier: auth.Verifier | None = None,
-                    buckets: ratelimit.Buckets | None = None):
-    """The one middleware of every service, in the order the layers used to nest (outermost first): metrics (count
-    and time what the client saw, problems included) → errors (every failure becomes a problem+json) → the rate
-    limit per principal → the request time limit → the handler. One frame per request instead of three, a deadline
-    instead of an asyncio.timeout, and each route's metric children looked up once.
+                    buckets: ratelimit.Buckets | None = None, access_log: AccessLog | None = None):
+    """The one middleware of every service, in the order the layers used to nest (outermost first): the request id
+    and the access line → metrics (count and time what the client saw, problems included) → errors (every failure
+    becomes a problem+json) → the rate limit per principal → the request time limit → the handler. One frame per
+    request instead of three, a deadline instead of an asyncio.timeout, and each route's metric children looked up
+    once.
+
+    The request id (services.common.request_ids) is set for the request's task before anything else, so problems
+    and events carry it; every answer carries it as X-Request-Id, and `access_log` (when given) gets one line per
+    request, with the same duration the latency metric observes.
 
     The rate limit's principal is the bearer token's subject (verified once, then from auth's cache), else the remote
     address (anonymous calls, and tokens that do not verify); UNLIMITED_PATHS are exempt."""
@@ -257,13 +265,19 @@ def edge_middleware(service: str, request_timeout_s: float, verifier: auth.Verif
     current_task = asyncio.current_task
     subject_of = verifier.subject_of if verifier is not None else (lambda authorization: None)
     take = buckets.take if buckets is not None else None
+    request_id_of, set_request_id, request_id_header = request_ids.of, request_ids.current.set, request_ids.HEADER
+    log_line = access_log.line if access_log is not None else None
 
     @web.middleware
     async def edge(request: web.Request, handler):
         started = perf_counter()
+        headers = request.headers
+        request_id = request_id_of(headers.get(request_id_header))
+        set_request_id(request_id)
         wait_s = 0.0
+        who = None
         if take is not None and request.path not in UNLIMITED_PATHS:
-            authorization = request.headers.get("Authorization")
+            authorization = headers.get("Authorization")
             who = subject_of(authorization) if authorization else None
             wait_s = take(who or f"remote:{request.remote}", started)
         if wait_s:
@@ -276,6 +290,9 @@ def edge_middleware(service: str, request_timeout_s: float, verifier: auth.Verif
                 response = await handler(request)
             except asyncio.CancelledError:
                 if not deadlines.leave(task, True):
+                    if log_line is not None:  # logged all the same: the access log has every request
+                        log_line(request.method, request.path, STATUS_CLIENT_GONE, perf_counter() - started,
+                                 request_id, who)
                     raise  # not ours (shutdown, a client gone): nothing to answer, nothing counted
                 response = failure_response(request, TimeoutError())
             except Exception as exc:
@@ -291,11 +308,15 @@ def edge_middleware(service: str, request_timeout_s: float, verifier: auth.Verif
         if (m := by_route.get(key)) is None:
             label = route.resource.canonical if route.resource is not None else "unmatched"
             m = by_route[key] = _RouteMetrics(service, label, request.method)
-        m.latency.observe(perf_counter() - started)
+        duration_s = perf_counter() - started
+        m.latency.observe(duration_s)
         status = response.status
         if (counter := m.counts.get(status)) is None:
             counter = m.counts[status] = metrics.http_requests.labels(service, m.route, m.method, str(status))
         counter.inc()
+        response.headers[request_id_header] = request_id
+        if log_line is not None:
+            log_line(request.method, request.path, status, duration_s, request_id, who)
         return response
 
     return edge
@@ -428,14 +449,20 @@ def tokens_context(settings: Settings, verifier: auth.Verifier):
 
 def base_app(settings: Settings, routes: list[Route], ready: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
     verifier = auth.Verifier(service=settings.service, issuer=settings.token_issuer, audience=settings.token_audience)
+    access_log = AccessLog(settings.service)
     app = web.Application(client_max_size=BODY_BYTES_MAX,
                           middlewares=[edge_middleware(settings.service, settings.request_timeout_s, verifier,
                                                        ratelimit.Buckets(settings.rate_limit_per_s,
-                                                                         settings.rate_limit_burst))])
+                                                                         settings.rate_limit_burst),
+                                                       access_log)])
+
+    async def flush_access_log(app: web.Application) -> None:  # the drained requests' lines, before the exit
+        access_log.flush()
     app[SETTINGS] = settings
     app[VERIFIER] = verifier
     # First of the app's contexts: its startup runs before the service's own (pool, consumers), its cleanup after.
     app.cleanup_ctx.append(tokens_context(settings, verifier))
+    app.on_cleanup.append(flush_access_log)
     app[READY] = ready
     app[ROUTES] = routes
     document = _encoder.encode(openapi(settings.service, routes))

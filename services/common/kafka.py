@@ -1,4 +1,5 @@
-"""Kafka plumbing: topics, the idempotent producer, and the readiness probe."""
+"""Kafka plumbing: topics, the idempotent producer, the readiness probe, and how every client connects
+(`client_options`: bootstrap, TLS, SASL)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,11 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from aiokafka.helpers import create_ssl_context
+
 from .settings import Settings
 from schemas.limits import (
-    KAFKA_PARTITIONS, KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S,
+    KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S,
     TOKEN_TOPIC_PARTITIONS, TOKEN_TOPIC_RETENTION_MS, TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S,
     TOPIC_SETUP_RETRY_S, TOPIC_STARTUP_WAIT_S,
 )
@@ -24,12 +27,32 @@ from schemas.limits import (
 log = logging.getLogger("cvl.kafka")
 
 
+@functools.lru_cache(maxsize=None)
+def client_options(settings: Settings) -> dict:
+    """What every aiokafka client of the process is given (producer, consumers, admin, probe, the revocation
+    listener): the bootstrap servers and the connection's security, one TLS context per process."""
+    sec = settings.kafka_security
+    options: dict = {"bootstrap_servers": settings.kafka_bootstrap, "security_protocol": sec.protocol}
+    if sec.protocol.endswith("SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=sec.ssl_cafile, certfile=sec.ssl_certfile, keyfile=sec.ssl_keyfile,
+            password=sec.ssl_key_password.value if sec.ssl_key_password is not None else None)
+    if sec.sasl_mechanism is not None:
+        assert sec.sasl_username is not None and sec.sasl_password is not None, "settings.kafka_security checks it"
+        options.update(sasl_mechanism=sec.sasl_mechanism, sasl_plain_username=sec.sasl_username,
+                       sasl_plain_password=sec.sasl_password.value)
+    return options
+
+
 def _new_topic(settings: Settings, topic: str) -> NewTopic:
+    # Durability: a write is acknowledged (acks=all) once min.insync.replicas of the replication factor have it, so
+    # with 3 / 2 a broker may die without losing an acknowledged event or stopping the writes.
+    configs = {"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
     if topic == settings.topic_tokens:
         # Revocations: few, read whole by every process at start, kept longer than any token lives.
-        return NewTopic(topic, TOKEN_TOPIC_PARTITIONS, 1,
-                        topic_configs={"retention.ms": str(TOKEN_TOPIC_RETENTION_MS)})
-    return NewTopic(topic, KAFKA_PARTITIONS, 1)
+        return NewTopic(topic, TOKEN_TOPIC_PARTITIONS, settings.kafka_replication_factor,
+                        topic_configs={**configs, "retention.ms": str(TOKEN_TOPIC_RETENTION_MS)})
+    return NewTopic(topic, settings.kafka_partitions, settings.kafka_replication_factor, topic_configs=configs)
 
 
 async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
@@ -38,8 +61,7 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
     if topics is None:
         topics = [settings.topic_issuing, settings.topic_redemption, settings.topic_tokens]
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                    request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
+        admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS)
         try:
             await admin.start()
             existing = set(await admin.list_topics())
@@ -67,7 +89,7 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
 def producer(settings: Settings) -> AIOKafkaProducer:
     # Idempotent with acks=all: a retried batch is written once and per-partition order is kept.
     return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **client_options(settings),
         client_id=f"cvl-{settings.service}",
         enable_idempotence=True,
         acks="all",
@@ -117,7 +139,7 @@ class Probe:
     """Answers "does Kafka answer now?" with a fresh metadata request (not cached metadata)."""
 
     def __init__(self, settings: Settings):
-        self._client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap,
+        self._client = AIOKafkaClient(**client_options(settings),
                                       client_id=f"cvl-{settings.service}-probe",
                                       request_timeout_ms=int(READY_CHECK_TIMEOUT_S * 1000))
         self._started = False

@@ -24,7 +24,7 @@ import msgspec
 
 from schemas.events import Envelope
 
-from . import ids, kafka, metrics
+from . import ids, kafka, metrics, request_ids
 from .settings import Settings
 from schemas.limits import OUTBOX_BATCH_MAX, OUTBOX_IDLE_POLL_S, OUTBOX_LEADER_RETRY_S, OUTBOX_STATS_INTERVAL_S
 
@@ -48,11 +48,19 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+FROM_CONTEXT: Final = "from the request's context"  # `envelope`'s request_id when the caller names none
+
+
 def envelope(cls: type[Envelope], data: msgspec.Struct, *, producer: str, actor: str,
-             occurred_at: dt.datetime | None = None, event_id: str | None = None) -> Envelope:
-    """An event; `event_id` for a batch that drew its ids at once (`ids.uuid4s`), else a fresh one."""
+             occurred_at: dt.datetime | None = None, event_id: str | None = None,
+             request_id: str | None = FROM_CONTEXT) -> Envelope:
+    """An event; `event_id` for a batch that drew its ids at once (`ids.uuid4s`), else a fresh one. `request_id`:
+    the id of the request that caused it, by default the one being answered (`request_ids.current`); a batched
+    writer, which builds the events of many requests, names each command's own (None: caused by no request)."""
+    if request_id is FROM_CONTEXT:
+        request_id = request_ids.current.get()
     return cls(event_id=event_id or ids.uuid4(), occurred_at=occurred_at or now(), producer=producer, actor=actor,
-               data=data)  # type: ignore[call-arg]
+               data=data, request_id=request_id)  # type: ignore[call-arg]
 
 
 def row_type(cls: type[Envelope]) -> str:

@@ -22,7 +22,7 @@ from schemas.limits import (
     TOKEN_REVOCATIONS_SWEEP_S, TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S,
 )
 
-from . import metrics
+from . import kafka, metrics
 from .auth import Verifier
 from .settings import Settings
 
@@ -73,7 +73,7 @@ class Listener:
 
     async def _connect(self) -> None:
         topic = self.settings.topic_tokens
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
+        consumer = AIOKafkaConsumer(**kafka.client_options(self.settings), group_id=None,
                                     enable_auto_commit=False, client_id=f"cvl-{self.settings.service}-revocations",
                                     request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
                                     fetch_max_wait_ms=TOKEN_REVOCATIONS_POLL_MS)

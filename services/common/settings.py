@@ -10,10 +10,48 @@ import msgspec
 from schemas.limits import (
     PG_POOL_MAX, RATE_LIMIT_BURST, RATE_LIMIT_PER_S, REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_S_MAX, REQUEST_TIMEOUT_S_MIN,
 )
+from schemas.limits import (
+    KAFKA_MIN_INSYNC_REPLICAS, KAFKA_PARTITIONS, KAFKA_PARTITIONS_MAX, KAFKA_REPLICATION_FACTOR,
+    KAFKA_REPLICATION_FACTOR_MAX,
+)
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DEFAULT_TOKEN_ISSUER: Final = "cvl.example/tokens"  # `iss` of the tokens `cvl token issue` signs
 DEFAULT_TOKEN_AUDIENCE: Final = "cvl"                # `aud` (CONTRACT.md)
+KAFKA_SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class Secret:
+    """A password in the settings: its value for the client that needs it, never in a repr or a log line."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+class KafkaSecurity(msgspec.Struct, kw_only=True, frozen=True):
+    """How every Kafka client of a process connects (CVL_KAFKA_SECURITY_PROTOCOL and friends; README "Operating
+    it"): TLS with the CA (and a client certificate for mutual TLS), SASL PLAIN or SCRAM, or both."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: Secret | None = None
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -37,6 +75,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     request_timeout_s: float = REQUEST_TIMEOUT_S
     rate_limit_per_s: float = RATE_LIMIT_PER_S
     rate_limit_burst: int = RATE_LIMIT_BURST
+    # Topics as the services create them (kafka.ensure_topics): one broker by default; 3 / 2 on three brokers.
+    kafka_replication_factor: int = KAFKA_REPLICATION_FACTOR
+    kafka_min_insync_replicas: int = KAFKA_MIN_INSYNC_REPLICAS
+    kafka_partitions: int = KAFKA_PARTITIONS
+    kafka_security: KafkaSecurity = KafkaSecurity()
 
 
 DEFAULT_PORTS: Final = {"issuing": 8081, "redemption": 8082, "ledger": 8083}
@@ -85,10 +128,72 @@ def rate_limit(raw_per_s: str | None, raw_burst: str | None) -> tuple[float, int
     return per_s, burst
 
 
+def kafka_topics(raw_rf: str | None, raw_min_isr: str | None, raw_partitions: str | None) -> tuple[int, int, int]:
+    """`CVL_KAFKA_REPLICATION_FACTOR`, `CVL_KAFKA_MIN_INSYNC_REPLICAS`, `CVL_KAFKA_PARTITIONS`: 1 <= min ISR <=
+    replication factor <= KAFKA_REPLICATION_FACTOR_MAX, 1 <= partitions <= KAFKA_PARTITIONS_MAX; refused at start
+    otherwise. (min ISR == RF would stop every write while one broker is down: allowed, but 3 / 2 is the advice.)"""
+    rf = KAFKA_REPLICATION_FACTOR if raw_rf is None else int(raw_rf)
+    min_isr = KAFKA_MIN_INSYNC_REPLICAS if raw_min_isr is None else int(raw_min_isr)
+    partitions = KAFKA_PARTITIONS if raw_partitions is None else int(raw_partitions)
+    if not 1 <= rf <= KAFKA_REPLICATION_FACTOR_MAX:
+        raise ValueError(f"CVL_KAFKA_REPLICATION_FACTOR must be 1-{KAFKA_REPLICATION_FACTOR_MAX}, not {raw_rf}")
+    if not 1 <= min_isr <= rf:
+        raise ValueError(f"CVL_KAFKA_MIN_INSYNC_REPLICAS must be 1-{rf} (the replication factor), not {raw_min_isr}")
+    if not 1 <= partitions <= KAFKA_PARTITIONS_MAX:
+        raise ValueError(f"CVL_KAFKA_PARTITIONS must be 1-{KAFKA_PARTITIONS_MAX}, not {raw_partitions}")
+    return rf, min_isr, partitions
+
+
+def _secret(env, name: str) -> Secret | None:
+    """`NAME_FILE` (a file holding it: a mounted secret) or `NAME`."""
+    if path := env.get(f"{name}_FILE"):
+        return Secret(Path(path).read_text().rstrip("\n"))
+    value = env.get(name)
+    return Secret(value) if value else None
+
+
+def kafka_security(env) -> KafkaSecurity:
+    """`CVL_KAFKA_SECURITY_PROTOCOL` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL); with SSL: `CVL_KAFKA_SSL_CAFILE`
+    (else the system's CAs), `CVL_KAFKA_SSL_CERTFILE` and `CVL_KAFKA_SSL_KEYFILE` (mutual TLS),
+    `CVL_KAFKA_SSL_KEY_PASSWORD[_FILE]`; with SASL: `CVL_KAFKA_SASL_MECHANISM` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512),
+    `CVL_KAFKA_SASL_USERNAME`, `CVL_KAFKA_SASL_PASSWORD[_FILE]`. Inconsistent settings are refused at start."""
+    protocol = env.get("CVL_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise ValueError(f"CVL_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, "
+                         f"not {protocol}")
+    sasl = protocol.startswith("SASL_")
+    mechanism = env.get("CVL_KAFKA_SASL_MECHANISM") or None
+    username = env.get("CVL_KAFKA_SASL_USERNAME") or None
+    password = _secret(env, "CVL_KAFKA_SASL_PASSWORD")
+    if sasl:
+        mechanism = (mechanism or "PLAIN").upper()
+        if mechanism not in KAFKA_SASL_MECHANISMS:
+            raise ValueError(f"CVL_KAFKA_SASL_MECHANISM must be one of {', '.join(KAFKA_SASL_MECHANISMS)}, "
+                             f"not {mechanism}")
+        if username is None or password is None:
+            raise ValueError(f"{protocol} needs CVL_KAFKA_SASL_USERNAME and CVL_KAFKA_SASL_PASSWORD (or _FILE)")
+    elif mechanism or username or password:
+        raise ValueError(f"CVL_KAFKA_SASL_* are set but CVL_KAFKA_SECURITY_PROTOCOL is {protocol}: use SASL_SSL "
+                         f"(or SASL_PLAINTEXT)")
+    files = {name: Path(env[f"CVL_KAFKA_SSL_{name.upper()}"]) if env.get(f"CVL_KAFKA_SSL_{name.upper()}") else None
+             for name in ("cafile", "certfile", "keyfile")}
+    key_password = _secret(env, "CVL_KAFKA_SSL_KEY_PASSWORD")
+    if not protocol.endswith("SSL") and (any(files.values()) or key_password):
+        raise ValueError(f"CVL_KAFKA_SSL_* are set but CVL_KAFKA_SECURITY_PROTOCOL is {protocol}: use SSL or SASL_SSL")
+    if (files["certfile"] is None) != (files["keyfile"] is None):
+        raise ValueError("CVL_KAFKA_SSL_CERTFILE and CVL_KAFKA_SSL_KEYFILE go together (mutual TLS)")
+    return KafkaSecurity(protocol=protocol, sasl_mechanism=mechanism if sasl else None,
+                         sasl_username=username if sasl else None, sasl_password=password if sasl else None,
+                         ssl_cafile=files["cafile"], ssl_certfile=files["certfile"], ssl_keyfile=files["keyfile"],
+                         ssl_key_password=key_password)
+
+
 def load(service: str) -> Settings:
     env = os.environ
     run = run_dir()
     per_s, burst = rate_limit(env.get("CVL_RATE_LIMIT_PER_S"), env.get("CVL_RATE_LIMIT_BURST"))
+    rf, min_isr, partitions = kafka_topics(env.get("CVL_KAFKA_REPLICATION_FACTOR"),
+                                           env.get("CVL_KAFKA_MIN_INSYNC_REPLICAS"), env.get("CVL_KAFKA_PARTITIONS"))
     return Settings(
         service=service,
         host=env.get("CVL_HOST", "127.0.0.1"),
@@ -108,4 +213,8 @@ def load(service: str) -> Settings:
         request_timeout_s=request_timeout_s(env.get("CVL_REQUEST_TIMEOUT_S")),
         rate_limit_per_s=per_s,
         rate_limit_burst=burst,
+        kafka_replication_factor=rf,
+        kafka_min_insync_replicas=min_isr,
+        kafka_partitions=partitions,
+        kafka_security=kafka_security(env),
     )

@@ -408,7 +408,7 @@ def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetSt
                 expires_at=v.expires_at, created_at=now, year_end=budgets[(city, program, year)].year_end,  # type: ignore
                 program=program, budget_seq=step.seq, budget_amount=step.amount, budget_committed=step.committed)
             event = outbox.envelope(ev.VoucherMinted, data, producer=PRODUCER, actor=actor, occurred_at=now,
-                                    event_id=next(event_ids))
+                                    event_id=next(event_ids), request_id=c.request_id)
             events.append(QueuedEvent(voucher_id, event.event_id, _MINTED_TYPE, _encoder.encode(event)))
         if c.batch:
             by_budget: dict[BudgetKey, list[ev.MintedVoucher]] = {}
@@ -419,13 +419,13 @@ def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetSt
             for key, vouchers in by_budget.items():
                 for at in range(0, len(vouchers), VOUCHERS_PER_EVENT_MAX):
                     events.extend(_batch_events(key, vouchers[at:at + VOUCHERS_PER_EVENT_MAX],
-                                                budgets[key].year_end, actor, now, steps))
+                                                budgets[key].year_end, actor, now, steps, c.request_id))
     assert i == n
     return events
 
 
 def _batch_events(key: BudgetKey, vouchers: list[ev.MintedVoucher], year_end: str, actor: str,
-                  now: dt.datetime, steps: domain.Steps) -> list[QueuedEvent]:
+                  now: dt.datetime, steps: domain.Steps, request_id: str | None = None) -> list[QueuedEvent]:
     """One VouchersMinted of `vouchers` on budget `key`, or, when it would encode past KAFKA_RECORD_BYTES_MAX,
     those of each half (recursively): every part still fits one Kafka record, and is one step of the budget (taken
     only for the events that go out)."""
@@ -435,15 +435,16 @@ def _batch_events(key: BudgetKey, vouchers: list[ev.MintedVoucher], year_end: st
                                  year_end=year_end, amount=amount,  # type: ignore[arg-type]
                                  vouchers=vouchers, budget_seq=step.seq, budget_amount=step.amount,
                                  budget_committed=step.committed)
-    event = outbox.envelope(ev.VouchersMinted, data, producer=PRODUCER, actor=actor, occurred_at=now)
+    event = outbox.envelope(ev.VouchersMinted, data, producer=PRODUCER, actor=actor, occurred_at=now,
+                            request_id=request_id)
     payload = _encoder.encode(event)
     if len(payload) <= KAFKA_RECORD_BYTES_MAX:
         assert steps.take(key, amount) == step
         return [QueuedEvent(key.city, event.event_id, _BATCH_MINTED_TYPE, payload)]
     assert len(vouchers) > 1, "one voucher's VouchersMinted cannot exceed KAFKA_RECORD_BYTES_MAX (see schemas.limits)"
     half = len(vouchers) // 2
-    return [*_batch_events(key, vouchers[:half], year_end, actor, now, steps),
-            *_batch_events(key, vouchers[half:], year_end, actor, now, steps)]
+    return [*_batch_events(key, vouchers[:half], year_end, actor, now, steps, request_id),
+            *_batch_events(key, vouchers[half:], year_end, actor, now, steps, request_id)]
 
 
 def _voucher_columns(accepted: list[MintCommand]) -> list[list]:

@@ -419,7 +419,7 @@ async def _write_debits(conn: asyncpg.Connection, accepted: list[tuple[RedeemCom
         payloads.append(encode(outbox.envelope(ev.VoucherRedeemed, ev.VoucherRedeemedData(
             redemption_id=ids[i], voucher_id=voucher.voucher_id, city=voucher.city, year=voucher.year,
             provider=provider, amount=amount, balance=balance, invoice=invoice, program=voucher.program),
-            producer=PRODUCER, actor=c.actor, occurred_at=now, event_id=ids[n + i])))
+            producer=PRODUCER, actor=c.actor, occurred_at=now, event_id=ids[n + i], request_id=c.request_id)))
     debits = sorted(spent)
     written = await conn.fetch(WRITE_REDEMPTIONS_SQL, debits, [spent[v] for v in debits], redemption_ids,
                                voucher_ids, providers, amounts, numbers, invoice_amounts, created, topic,
