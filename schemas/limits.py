@@ -148,6 +148,12 @@ BUDGET_GAUGES_MAX: Final = 1000            # (city, year, program) budgets expor
 PAGE_ENTRIES: Final = 20                   # the most recent entries on the auditor's page
 PAGE_REPORTS_MAX: Final = 1000             # (city, year) rows on the auditor's page
 PAGE_CACHE_S: Final = 1.0                  # the auditor's page is rendered at most this often per process
+PAGE_CACHE_PATHS_MAX: Final = 1024         # pages (a city's page each) a process keeps rendered, at most (oldest out)
+PAGE_CHECKPOINTS: Final = 20               # the most recent checkpoints in the page's checkpoint history
+CITY_PAGE_REPORTS_MAX: Final = 200         # (year, program) rows on a city's page
+CITY_PAGE_ENTRIES: Final = 20              # the city's most recent entries on its page
+CITY_WINDOW_ENTRIES_MAX: Final = 20_000    # a city's page reads the journal's latest entries only, at most this many
+CITY_CHART_BUCKETS: Final = 24             # time slices of a city's chart (issued, redeemed, available)
 NOTE_LENGTH_MAX: Final = 4096              # a checkpoint note with one signature is ~150 bytes
 LOG_NAME_LENGTH_MAX: Final = 255           # the log's origin, which is also its signing key's name
 

@@ -5,8 +5,9 @@ The ledger only reads events and writes its own tables: it produces no events, s
 Roles: admin and auditor read the ledger; an auditor scoped to a city sees only that city's accounts and report
 (not provider accounts, which span cities, nor the trial balance and entries, which cover every city); the issuer
 of a city may also read that city's report. The audit log is global: any auditor, scoped or not, and admin get
-checkpoints and proofs. Public, without a token: the auditor's page `GET /` (aggregates only, see page.py), the
-verifier key and the latest checkpoint (signed public material, shown on that page anyway).
+checkpoints and proofs. Public, without a token: the auditor's page `GET /` and a page per city `GET /cities/{city}`
+(aggregates only, see page.py) with the page's one script `GET /static/audit.js`, the verifier key and the latest
+checkpoint (signed public material, shown on that page anyway).
 
 Proof requests: a parameter that is missing, not an integer or out of its range (index >= 0, sizes >= 1), or an
 index not below tree_size, or first > second, is 422 `validation_error` naming the parameter; a tree size beyond
@@ -17,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Generic, TypeVar
 
 import aiohttp
 import asyncpg
@@ -34,7 +36,8 @@ from schemas.ledger import (
 )
 from schemas.limits import (
     ACCOUNT_ENTRIES_SCAN_MAX, BIGINT_MAX, BUDGET_GAUGES_MAX, BUDGET_GAUGES_REFRESH_S, CHECKPOINT_INTERVAL_S,
-    CHECKPOINTS_LIMIT_DEFAULT,
+    CHECKPOINTS_LIMIT_DEFAULT, CITY_CHART_BUCKETS, CITY_PAGE_ENTRIES, CITY_PAGE_REPORTS_MAX, CITY_WINDOW_ENTRIES_MAX,
+    PAGE_CACHE_PATHS_MAX, PAGE_CHECKPOINTS,
     CHECKPOINTS_LIMIT_MAX, ENTRIES_LIMIT_DEFAULT,
     ENTRIES_LIMIT_MAX, LOG_STATUS_REFRESH_S, PAGE_CACHE_S, PAGE_ENTRIES, PAGE_REPORTS_MAX, SHUTDOWN_TIMEOUT_S,
 )
@@ -46,7 +49,7 @@ from services.common.errors import Forbidden, ValidationFailed
 from services.common.http import Route, json_response, param, principal
 from services.common.settings import Settings
 
-from . import commands, domain, notes, page, queries, witnesses
+from . import cities, commands, domain, notes, page, queries, witnesses
 
 log = logging.getLogger("cvl.ledger")
 
@@ -55,9 +58,13 @@ SCHEMA: Final = "ledger"
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 CONSUMER_GROUP: Final = "ledger"
 TEXT_PLAIN: Final = "text/plain"
-# No script, no remote resources: the page's only style is inline.
-PAGE_HEADERS: Final = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+# No remote resources and no inline script: the pages' only style is inline, their only script is our static file
+# (GET /static/audit.js), which may fetch from this origin only.
+PAGE_HEADERS: Final = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                                  "script-src 'self'; connect-src 'self'",
                        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+STATIC: Final = Path(__file__).parent / "static"
+SCRIPT_HEADERS: Final = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 POOL: Final = web.AppKey("pool", asyncpg.Pool)
 LOG_KEY: Final = web.AppKey("log_key", notes.LogKey)
@@ -96,7 +103,10 @@ page_renders = Counter("cvl_ledger_page_renders_total", "Renders of the auditor'
                        "PAGE_CACHE_S per process, whatever the traffic)")
 
 
-class PageCache:
+T = TypeVar("T")
+
+
+class PageCache(Generic[T]):
     """The auditor's page, rendered at most once per PAGE_CACHE_S: the rendered bytes are kept with the time their
     render started, and requests while a render runs wait for that one render instead of starting their own. So a
     flood of `GET /` costs the database one page's queries per second per process.
@@ -104,13 +114,13 @@ class PageCache:
     The render runs in its own task: a waiter that goes away (a client gone, its time limit) does not cancel it for
     the others. A failed render is not kept; every waiter gets its error, and the next request tries again."""
 
-    def __init__(self, render: Callable[[], Awaitable[bytes]], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, render: Callable[[], Awaitable[T]], clock: Callable[[], float] = time.monotonic):
         self._render, self._clock = render, clock
-        self._body: bytes | None = None
+        self._body: T | None = None
         self._at = 0.0
-        self._running: asyncio.Task[bytes] | None = None
+        self._running: asyncio.Task[T] | None = None
 
-    async def get(self) -> bytes:
+    async def get(self) -> T:
         if self._body is not None and self._clock() - self._at < PAGE_CACHE_S:
             return self._body
         if self._running is None:
@@ -118,7 +128,7 @@ class PageCache:
             self._running.add_done_callback(_retrieve)
         return await asyncio.shield(self._running)
 
-    async def _run(self) -> bytes:
+    async def _run(self) -> T:
         started = self._clock()
         try:
             body = await self._render()
@@ -129,7 +139,43 @@ class PageCache:
             self._running = None
 
 
+class PageCaches(Generic[T]):
+    """A PageCache per path (a city's page each), for at most PAGE_CACHE_PATHS_MAX paths: the least recently asked
+    for goes first, so a flood of distinct paths keeps the memory bounded (each path still renders at most once per
+    PAGE_CACHE_S while it is kept)."""
+
+    def __init__(self, paths_max: int = PAGE_CACHE_PATHS_MAX):
+        self._paths_max = paths_max
+        self._caches: collections.OrderedDict[str, PageCache[T]] = collections.OrderedDict()
+
+    async def get(self, path: str, render: Callable[[], Awaitable[T]]) -> T:
+        cache = self._caches.get(path)
+        if cache is None:
+            cache = self._caches[path] = PageCache(render)
+            while len(self._caches) > self._paths_max:
+                self._caches.popitem(last=False)
+        else:
+            self._caches.move_to_end(path)
+        return await cache.get()
+
+
 PAGE: Final = web.AppKey("page", PageCache)
+CITY_PAGES: Final = web.AppKey("city_pages", PageCaches)
+PUBLIC_URL: Final = web.AppKey("public_url", str)
+SCRIPT: Final = web.AppKey("script", bytes)
+
+
+def public_url(settings: Settings, raw: str | None) -> str:
+    """`CVL_LEDGER_PUBLIC_URL`: where auditors reach this ledger, for the commands the pages show (behind a proxy or
+    a load balancer it is not the bind address); default the bind address. http(s) only, without a trailing slash;
+    anything else is refused at start."""
+    if not raw:
+        return f"http://{settings.host}:{settings.port}"
+    url = raw.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url) or url.count("/") > 2:
+        raise ValueError(f"CVL_LEDGER_PUBLIC_URL must be an http(s) origin such as https://ledger.example, "
+                         f"not {raw!r}")
+    return url
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -150,6 +196,7 @@ CheckpointsLimit = Annotated[int, Meta(ge=1, le=CHECKPOINTS_LIMIT_MAX, descripti
 async def journal(conn: asyncpg.Connection, batch: list[Delivered]) -> None:
     """Consumer handler: fresh events, in delivery order, inside the consumer's transaction (commands.journal)."""
     journaled = await commands.journal(conn, batch)
+    await cities.record_names(conn, journaled.entries, batch)
     if batch:  # ack -> ledger: the batch's oldest event, once per batch (cheap at any rate)
         metrics.journal_delay.observe(max(0.0, time.time() - min(d.event.occurred_at for d in batch).timestamp()))
     for d, exc in journaled.rejected:
@@ -354,17 +401,40 @@ async def get_log_witnesses(request: web.Request) -> web.Response:
 
 def page_renderer(app: web.Application) -> Callable[[], Awaitable[bytes]]:
     async def render() -> bytes:
-        settings = app[http.SETTINGS]
         data = await queries.page_data(app[POOL], PAGE_REPORTS_MAX, PAGE_ENTRIES,
-                                       verifier_key=app[LOG_KEY].verifier(),
-                                       base_url=f"http://{settings.host}:{settings.port}")
+                                       verifier_key=app[LOG_KEY].verifier(), base_url=app[PUBLIC_URL],
+                                       checkpoints_max=PAGE_CHECKPOINTS)
         return page.render(data).encode()
+    return render
+
+
+def city_page_renderer(app: web.Application, city: str) -> Callable[[], Awaitable[tuple[int, bytes]]]:
+    """(status, body) of a city's page: 404 with a page of its own for a city the ledger knows nothing of (kept
+    like any page, so a flood of unknown ids costs one read per id per second too)."""
+    async def render() -> tuple[int, bytes]:
+        data = await queries.city_page_data(app[POOL], city, reports_max=CITY_PAGE_REPORTS_MAX,
+                                            entries_max=CITY_PAGE_ENTRIES, window_max=CITY_WINDOW_ENTRIES_MAX,
+                                            buckets=CITY_CHART_BUCKETS, base_url=app[PUBLIC_URL])
+        if data is None:
+            return 404, page.render_missing_city(city).encode()
+        return 200, page.render_city(data).encode()
     return render
 
 
 async def auditor_page(request: web.Request) -> web.Response:
     return web.Response(body=await request.app[PAGE].get(), content_type="text/html", charset="utf-8",
                         headers=PAGE_HEADERS)
+
+
+async def city_page(request: web.Request) -> web.Response:
+    city = param(request, "city", CityId)
+    status, body = await request.app[CITY_PAGES].get(city, city_page_renderer(request.app, city))
+    return web.Response(body=body, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+async def audit_script(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[SCRIPT], content_type="text/javascript", charset="utf-8",
+                        headers=SCRIPT_HEADERS)
 
 
 ROUTES: Final = [
@@ -404,6 +474,12 @@ ROUTES: Final = [
           "The witnesses this ledger submits its checkpoints to (C2SP tlog-witness): name, verifier key (type 0x04, "
           "cosignature/v1), submission URL; public", (), None, witnesses.WitnessList),
     Route("GET", "/", auditor_page, "text/html: the auditor's page (aggregate figures, checkpoint, how to verify)"),
+    Route("GET", "/cities/{city}", city_page,
+          "text/html: a city's page (its reports by program and year, recent entries, a chart of issued, redeemed and "
+          "available over time); public", params={"city": CityId}),
+    Route("GET", page.SCRIPT_PATH, audit_script,
+          "text/javascript: the auditor's page's one script (checks a checkpoint's signature and an inclusion proof "
+          "in the browser); public"),
 ]
 
 
@@ -412,7 +488,10 @@ def create_app(settings: Settings) -> web.Application:
 
     app = http.base_app(settings, ROUTES, http.ready_check(lambda: app[POOL], probe))
     app[LOG_KEY] = notes.load_log_key(settings.run_dir, notes.origin_from_env())
+    app[PUBLIC_URL] = public_url(settings, os.environ.get("CVL_LEDGER_PUBLIC_URL"))
+    app[SCRIPT] = (STATIC / "audit.js").read_bytes()
     app[PAGE] = PageCache(page_renderer(app))
+    app[CITY_PAGES] = PageCaches()
     app[WITNESSES] = witnesses.witnesses_from_env()
     log.info("checkpoints are signed with the log key", extra={"verifier_key": app[LOG_KEY].verifier()})
     if app[WITNESSES]:

@@ -17,7 +17,7 @@ from schemas.common import DEFAULT_PROGRAM
 
 from services.common.errors import NotFound
 
-from . import domain, merkle, page, store
+from . import chart, cities, domain, merkle, page, store
 
 Reader = asyncpg.Connection | asyncpg.Pool
 
@@ -148,6 +148,11 @@ async def _reports(conn: asyncpg.Connection, reports_max: int) -> tuple[list[Cit
     """The first `reports_max` reports (by city, year, program), each checked against its accounts (report_view),
     and whether there were more. Call it inside one snapshot."""
     rows = await conn.fetch(store.LIST_REPORTS_SQL, reports_max + 1)
+    return await _report_views(conn, rows, reports_max)
+
+
+async def _report_views(conn: asyncpg.Connection, rows: list, reports_max: int) -> tuple[list[CityReport], bool]:
+    """The first `reports_max` of report rows read with one more than that, with their accounts' balances."""
     rows, truncated = rows[:reports_max], len(rows) > reports_max
     keys = [(r["city"], r["year"], r["program"]) for r in rows]
     names = [name for k in keys for name in (domain.appropriation(*k), domain.budget(*k), domain.lapsed(*k))]
@@ -168,7 +173,7 @@ async def budget_reports(pool: asyncpg.Pool, reports_max: int) -> tuple[list[Cit
 # --- the auditor's page -----------------------------------------------------------------------------------------------
 
 async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, verifier_key: str,
-                    base_url: str) -> page.PageData:
+                    base_url: str, checkpoints_max: int = 0) -> page.PageData:
     """What the auditor's page shows, read in one repeatable-read snapshot so every figure agrees with the others.
 
     The reports, one per (city, year, program), are the same views (with the same checks) as
@@ -179,12 +184,17 @@ async def page_data(pool: asyncpg.Pool, reports_max: int, entries_max: int, *, v
         size = await conn.fetchval(store.HEAD_SQL)
         latest = await conn.fetchrow(store.LATEST_CHECKPOINT_SQL)
         recent = await conn.fetch(store.RECENT_ENTRIES_SQL, entries_max)
+        history = await conn.fetch(cities.RECENT_CHECKPOINTS_SQL, checkpoints_max) if checkpoints_max else []
+        names = await _city_names(conn, sorted({r.city for r in reports}))
     checkpoint = (page.PageCheckpoint(latest["tree_size"], latest["note"], latest["signed_at"])
                   if latest else None)
     return page.PageData(reports=reports, reports_truncated=truncated, journal_size=size, checkpoint=checkpoint,
                          entries=[page.PageEntry(e["index"], e["type"], e["occurred_at"], bytes(e["leaf_hash"]))
                                   for e in recent],
-                         verifier_key=verifier_key, base_url=base_url)
+                         verifier_key=verifier_key, base_url=base_url,
+                         checkpoints=[page.PageCheckpointRow(c["seq"], c["tree_size"], bytes(c["root"]),
+                                                             c["signed_at"], c["cosignatures"]) for c in history],
+                         names=names)
 
 
 # --- queries by account (CONTRACT.md, "Queries") ----------------------------------------------------------------------
@@ -243,3 +253,39 @@ async def account_at(pool: asyncpg.Pool, name: str, tree_size: int) -> tuple[int
     debits, credits = int(row["debits"]), int(row["credits"])
     assert debits >= 0 and credits >= 0, (name, tree_size, debits, credits)
     return debits, credits
+
+
+# --- a city's page (the auditor's pages) ------------------------------------------------------------------------------
+
+async def _city_names(conn: asyncpg.Connection, city_ids: list[str]) -> dict[str, page.CityName]:
+    rows = await conn.fetch(cities.NAMES_SQL, city_ids) if city_ids else []
+    return {r["city"]: page.CityName(r["name"], r["currency"]) for r in rows}
+
+
+async def city_page_data(pool: asyncpg.Pool, city: str, *, reports_max: int, entries_max: int, window_max: int,
+                         buckets: int, base_url: str) -> page.CityPageData | None:
+    """A city's page, read in one repeatable-read snapshot: its reports (as GET /v1/reports/cities/{city}/{year}
+    shows each), and its entries among the journal's latest `window_max` (cities.CITY_WINDOW_SQL), the most recent
+    `entries_max` of them listed and all of them bucketed into the chart. None for a city the ledger knows nothing of.
+
+    Bounded whatever the journal's size: the window is read through the postings' primary key from its first index.
+    """
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        reports, truncated = await _report_views(conn, await conn.fetch(cities.CITY_REPORTS_SQL, city,
+                                                                        reports_max + 1), reports_max)
+        names = await _city_names(conn, [city])
+        size = await conn.fetchval(store.HEAD_SQL)
+        signed = await conn.fetchval(store.SIGNED_SIZE_SQL)
+        start = max(0, size - window_max)
+        window = await conn.fetch(cities.CITY_WINDOW_SQL, city, start)
+    if not reports and not names and not window:
+        return None
+    now = (sum(r.issued for r in reports), sum(r.redeemed for r in reports), sum(r.available for r in reports))
+    deltas = [chart.Delta(w["occurred_at"], w["issued"], w["redeemed"], w["available"]) for w in window]
+    return page.CityPageData(
+        city=city, name=names.get(city), reports=reports, reports_truncated=truncated,
+        entries=[page.PageEntry(w["index"], w["type"], w["occurred_at"], bytes(w["leaf_hash"]))
+                 for w in reversed(window[-entries_max:])],
+        # With more budgets than shown, the reports' sums are not the city's: no chart rather than a wrong one.
+        chart=[] if truncated else chart.points(now, deltas, buckets),
+        window_start=start, journal_size=size, signed_size=signed, base_url=base_url)
