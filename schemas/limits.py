@@ -94,6 +94,8 @@ KAFKA_MIN_INSYNC_REPLICAS: Final = 1       # (CVL_KAFKA_MIN_INSYNC_REPLICAS; 2 o
 KAFKA_PARTITIONS_MAX: Final = 1000         # CVL_KAFKA_PARTITIONS may raise KAFKA_PARTITIONS (the default) up to this
 KAFKA_REPLICATION_FACTOR_MAX: Final = 7    # replicas of a partition (and so in-sync replicas) at most
 KAFKA_REQUEST_TIMEOUT_MS: Final = 30_000
+KAFKA_TOPIC_RETENTION_MS: Final = 7 * 24 * 3600 * 1000  # events stay this long on their topics (Kafka's default) ...
+KAFKA_TOPIC_SEGMENT_MS: Final = 24 * 3600 * 1000  # ... in segments rolled at least this often (deleted that late)
 TOPIC_STARTUP_WAIT_S: Final = 90.0         # how long a starting service waits for the broker to create its topics
 TOPIC_SETUP_RETRY_S: Final = 1.0           # pause between topic setup attempts while the broker starts
 TOPIC_METADATA_CHECKS_MAX: Final = 50      # created topics appear in the metadata within this many checks ...
@@ -103,7 +105,14 @@ PRODUCER_BATCH_BYTES: Final = 512 * 1024
 # One event's encoded value at most (a VouchersMinted of a batch is split in parts below it): it always fits an empty
 # producer batch, and stays under the broker's message.max.bytes (1 MiB by default).
 KAFKA_RECORD_BYTES_MAX: Final = 448 * 1024
-OUTBOX_BATCH_MAX: Final = 2000             # outbox rows one relay round publishes
+OUTBOX_BATCH_MAX: Final = 2000             # outbox rows one relay round publishes (one Kafka transaction)
+OUTBOX_TRANSACTION_TIMEOUT_MS: Final = 60_000  # the broker aborts a transaction left open this long (a dead relay)
+OUTBOX_ABORT_TIMEOUT_S: Final = 5.0        # a failed round's abort is awaited this long (else the next relay's)
+# A new relay session learns which pending rows are already on a partition from its last records: it reads back from
+# the partition's end this many offsets first, then four times more each time, until it has seen OUTBOX_BATCH_MAX
+# relay records (a round's most) or the partition's start; each step's reading bounded by the timeout.
+OUTBOX_RECOVERY_WINDOW_MIN: Final = 2 * OUTBOX_BATCH_MAX + 16
+OUTBOX_RECOVERY_TIMEOUT_S: Final = 30.0
 OUTBOX_IDLE_POLL_S: Final = 0.05           # relay poll interval when nothing was signalled
 OUTBOX_LEADER_RETRY_S: Final = 1.0         # how often a non-leader relay tries to take the lead
 OUTBOX_STATS_INTERVAL_S: Final = 1.0       # how often the relay refreshes its pending/lag gauges
@@ -115,6 +124,14 @@ CONSUMER_FETCH_MIN_BYTES: Final = 64 * 1024  # a fetch waits for this much ...
 CONSUMER_FETCH_WAIT_MS: Final = 20          # ... or this long (the latency it may add per hop when idle)
 CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects
 CONSUMER_LAG_INTERVAL_S: Final = 1.0       # how often a consumer refreshes its lag gauges
+# processed_events rows (an event a consumer applied) are kept until no copy of the event can be redelivered: no
+# record outlives retention + one segment on its topic; the margin covers clocks, the broker's retention check
+# (every 5 min) and the time from publication to application.
+PROCESSED_EVENTS_MARGIN_S: Final = 24 * 3600
+PROCESSED_EVENTS_RETENTION_S: Final = \
+    (KAFKA_TOPIC_RETENTION_MS + KAFKA_TOPIC_SEGMENT_MS) // 1000 + PROCESSED_EVENTS_MARGIN_S
+PROCESSED_EVENTS_SWEEP_INTERVAL_S: Final = 600.0  # how often each consuming process prunes them ...
+PROCESSED_EVENTS_SWEEP_BATCH_MAX: Final = 10_000  # ... in transactions of at most this many rows (then again)
 CONSUMER_STALLED_LAG_TIMEOUT_S: Final = 2.0  # after a failed batch, reading the committed offsets for the lag gauges
 
 # --- shutdown (drain) ------------------------------------------------------------------------------------------------
@@ -206,5 +223,8 @@ assert CONSUMER_DRAIN_S < SHUTDOWN_TIMEOUT_S and RELAY_DRAIN_S < SHUTDOWN_TIMEOU
 assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writer transaction"
 assert SHUTDOWN_TIMEOUT_S < STACK_EXIT_WAIT_S, "the stack waits for a drain to finish before killing"
 assert TOKEN_TOPIC_RETENTION_MS > TOKEN_TTL_S_MAX * 1000, "a revocation outlives every token it could refuse"
+assert PROCESSED_EVENTS_RETENTION_S * 1000 > KAFKA_TOPIC_RETENTION_MS + KAFKA_TOPIC_SEGMENT_MS, \
+    "an applied event is remembered longer than any copy of it can be redelivered"
+assert OUTBOX_TRANSACTION_TIMEOUT_MS > KAFKA_REQUEST_TIMEOUT_MS, "a round's sends may retry within its transaction"
 assert TOKEN_REVOCATIONS_POLL_MS / 1000 < TOKEN_REVOCATION_WINDOW_S, "a revocation is fetched well inside its window"
 assert KAFKA_RECORD_BYTES_MAX < PRODUCER_BATCH_BYTES, "an event must fit in an empty producer batch"

@@ -20,7 +20,7 @@ from services.common import http
 from services.stack import ROOT, Proc, Stack, create_stack, drop_stack, free_port, infra_env, unique
 
 __all__ = ["ROOT", "Api", "Proc", "Reply", "Stack", "create_stack", "drop_stack", "eventually", "free_port",
-           "infra_env", "read_topic", "unique"]
+           "infra_env", "read_records", "read_topic", "unique"]
 
 EVENTUALLY_TIMEOUT_S: Final = 60.0
 
@@ -78,10 +78,18 @@ def _is_event(value: bytes) -> bool:
 
 
 async def read_topic(bootstrap: str, topic: str, *, events_only: bool = True) -> list[tuple[bytes | None, bytes]]:
-    """Every message now on `topic` (all partitions, from the beginning up to the current end). With `events_only`,
-    messages that are not JSON objects are left out: tests/test_prometheus.py puts one on the session stack's topic
-    on purpose (a dead letter), and it is no event."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    """Every message now on `topic` (all partitions, from the beginning up to the current end, committed ones only,
+    as every consumer of ours reads them). With `events_only`, messages that are not JSON objects are left out:
+    tests/test_prometheus.py puts one on the session stack's topic on purpose (a dead letter), and it is no event."""
+    out = [(r.key, r.value) for r in await read_records(bootstrap, topic)]
+    return [(k, v) for k, v in out if _is_event(v)] if events_only else out
+
+
+async def read_records(bootstrap: str, topic: str) -> list:
+    """Every committed record now on `topic` (aiokafka's ConsumerRecords: key, value, headers, partition, offset),
+    read with isolation_level="read_committed" up to each partition's last stable offset."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                isolation_level="read_committed")
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -91,16 +99,16 @@ async def read_topic(bootstrap: str, topic: str, *, events_only: bool = True) ->
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
+        end = await consumer.end_offsets(tps)  # read_committed: the last stable offsets
         out = []
         remaining = {tp for tp in tps if end[tp] > 0}
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, records in batch.items():
-                out.extend((r.key, r.value) for r in records)
-                if records and records[-1].offset >= end[tp] - 1:
-                    remaining.discard(tp)
-        return [(k, v) for k, v in out if _is_event(v)] if events_only else out
+            for records in batch.values():
+                out.extend(r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)])
+            # A transaction's commit marker follows its records: the position, not the last record, says "done".
+            remaining = {tp for tp in remaining if await consumer.position(tp) < end[tp]}
+        return out
     finally:
         await consumer.stop()
 

@@ -100,6 +100,7 @@ class Consumer:
                 client_id=f"cvl-{self.settings.service}",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                isolation_level="read_committed",  # a relay's round is seen whole once committed, never if aborted
                 max_poll_records=CONSUMER_BATCH_MAX,
                 request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
                 # The broker answers a fetch once this much is there or the wait is over: under load, fewer and

@@ -1,4 +1,4 @@
-"""Kafka plumbing: topics, the idempotent producer, the readiness probe, and how every client connects
+"""Kafka plumbing: topics, the relay's transactional producer, the readiness probe, and how every client connects
 (`client_options`: bootstrap, TLS, SASL)."""
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from aiokafka.helpers import create_ssl_context
 
 from .settings import Settings
 from schemas.limits import (
-    KAFKA_REQUEST_TIMEOUT_MS, PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S,
-    TOKEN_TOPIC_PARTITIONS, TOKEN_TOPIC_RETENTION_MS, TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S,
-    TOPIC_SETUP_RETRY_S, TOPIC_STARTUP_WAIT_S,
+    KAFKA_REQUEST_TIMEOUT_MS, KAFKA_TOPIC_RETENTION_MS, KAFKA_TOPIC_SEGMENT_MS, OUTBOX_TRANSACTION_TIMEOUT_MS,
+    PRODUCER_BATCH_BYTES, PRODUCER_LINGER_MS, READY_CHECK_TIMEOUT_S, TOKEN_TOPIC_PARTITIONS, TOKEN_TOPIC_RETENTION_MS,
+    TOPIC_METADATA_CHECKS_MAX, TOPIC_METADATA_POLL_S, TOPIC_SETUP_RETRY_S, TOPIC_STARTUP_WAIT_S,
 )
 
 log = logging.getLogger("cvl.kafka")
@@ -52,6 +52,10 @@ def _new_topic(settings: Settings, topic: str) -> NewTopic:
         # Revocations: few, read whole by every process at start, kept longer than any token lives.
         return NewTopic(topic, TOKEN_TOPIC_PARTITIONS, settings.kafka_replication_factor,
                         topic_configs={**configs, "retention.ms": str(TOKEN_TOPIC_RETENTION_MS)})
+    # Events: kept KAFKA_TOPIC_RETENTION_MS, in segments rolled at least every KAFKA_TOPIC_SEGMENT_MS (a segment is
+    # deleted once its newest record is past retention), so no record outlives retention + segment: the consumers'
+    # processed_events rows are pruned after that and a margin (PROCESSED_EVENTS_RETENTION_S).
+    configs.update({"retention.ms": str(KAFKA_TOPIC_RETENTION_MS), "segment.ms": str(KAFKA_TOPIC_SEGMENT_MS)})
     return NewTopic(topic, settings.kafka_partitions, settings.kafka_replication_factor, topic_configs=configs)
 
 
@@ -86,13 +90,17 @@ async def ensure_topics(settings: Settings, topics: list[str] | None = None) -> 
             await admin.close()
 
 
-def producer(settings: Settings) -> AIOKafkaProducer:
-    # Idempotent with acks=all: a retried batch is written once and per-partition order is kept.
+def producer(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
+    """The outbox relay's producer: transactional (so idempotent, acks=all: a retried batch is written once and
+    per-partition order is kept), under a `transactional_id` that stays the same across restarts and replicas, so
+    that starting it fences the previous holder and finishes (commits or aborts) that one's open transaction."""
     return AIOKafkaProducer(
         **client_options(settings),
         client_id=f"cvl-{settings.service}",
         enable_idempotence=True,
         acks="all",
+        transactional_id=transactional_id,
+        transaction_timeout_ms=OUTBOX_TRANSACTION_TIMEOUT_MS,
         linger_ms=PRODUCER_LINGER_MS,
         max_batch_size=PRODUCER_BATCH_BYTES,
         request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,

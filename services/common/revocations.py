@@ -75,6 +75,7 @@ class Listener:
         topic = self.settings.topic_tokens
         consumer = AIOKafkaConsumer(**kafka.client_options(self.settings), group_id=None,
                                     enable_auto_commit=False, client_id=f"cvl-{self.settings.service}-revocations",
+                                    isolation_level="read_committed",  # the relay's committed rounds only
                                     request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
                                     fetch_max_wait_ms=TOKEN_REVOCATIONS_POLL_MS)
         await consumer.start()
