@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import merkle, note
-from .budgets import KIND, History, Step
+from .budgets import CARRY, KIND, RETURN, History, Move, Record, Step
 from .client import AccountView, CheckpointView, Totals
 from .entries import TYPE_RE, Entry, LeafCheck, VerificationFailed, order_problem, posting_problem
 
@@ -152,6 +152,7 @@ class Outcome:
 
     budget_steps: int = 0
     budgets: int = 0
+    budget_pending: int = 0
 
     def summary(self) -> str:
         rate = self.entries / self.seconds if self.seconds > 0 else 0.0
@@ -163,7 +164,8 @@ class Outcome:
         if self.budgets:
             lines.append(f"  budget history replayed: {_count(self.budget_steps, 'step')} of "
                          f"{_count(self.budgets, 'budget')}, in order, each within its amount and ending at its "
-                         f"account's balance")
+                         f"account's balance" + (f" ({self.budget_pending:,} return(s) or carry(ies) pending)"
+                                                 if self.budget_pending else ""))
         if self.totals is not None:
             t = self.totals
             reports = _count(self.reports_compared, "city report")
@@ -199,7 +201,7 @@ class RangeResult:
     problem_line: int | None = None               # a line that is no entry: its number within the range, from 0
     lines: int = 0
     snapshot_at_end: bool = False                 # the totals' size is the range's end (snapshot: its books)
-    budget_records: list[tuple[str, Step]] = field(default_factory=list)  # the range's budget steps, in log order
+    budget_records: list[tuple[str, Record]] = field(default_factory=list)  # its budget steps and movements
     unreplayable: set[str] = field(default_factory=set)
     carries_unreplayable: bool = False
 
@@ -622,6 +624,8 @@ class Replay:
         cy = self._cy(to)
         self._returned_from(n, e, voucher, cy)
         self.books.revoked[cy] = self.books.revoked.get(cy, 0) + amount
+        if e.type == "VoucherFrozen":  # its budget step is the BudgetReturned that follows (check 8)
+            self.history.move(cy, Move(RETURN, amount, voucher[len("voucher:"):], n))
 
     def _expired(self, n: int, e: Entry, amount: int) -> None:
         """Lapsed: to lapsed: of the voucher's own city-year. Carried: to budget: of the NEXT year of the same city
@@ -641,6 +645,7 @@ class Replay:
             self._returned_from(n, e, voucher, cy, carried_to=to)
             books.carried_out[cy] = books.carried_out.get(cy, 0) + amount
             books.carried_in[into] = books.carried_in.get(into, 0) + amount
+            self.history.move(into, Move(CARRY, amount, voucher[len("voucher:"):], n))  # BudgetCarried follows
         books.expired[cy] = books.expired.get(cy, 0) + amount
 
     def _budget_set(self, n: int, e: Entry, amount: int) -> None:
@@ -820,7 +825,8 @@ class Replay:
         self._collect_warnings()
         return Outcome(entries=n, checkpoints=self.cp_count, origin=self.origin, last_checkpoint=self.cp_last,
                        totals=self.totals, reports_compared=reports, accounts_compared=accounts,
-                       warnings=self.warnings, budget_steps=self.history.steps(), budgets=len(self.history.budgets))
+                       warnings=self.warnings, budget_steps=self.history.steps(), budgets=len(self.history.budgets),
+                       budget_pending=self.history.pending_count)
 
     def _check_end_balances(self) -> None:
         """Check 6 at the end of the log, when the order of the topics no longer matters. (Every account name was
