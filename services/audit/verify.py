@@ -49,10 +49,14 @@ size, export line, totals) and what is wrong:
     (budgets.py): the steps run 1, 2, 3... with no gap or repeat; each follows from its entry (BudgetSet: amount +=
     its delta, committed unchanged; a mint: committed += the minted amount, amount unchanged; BudgetReturned:
     committed −= returned; BudgetCarried: amount += carried); no step has committed > amount; and at the end of
-    the log each budget's last step equals its account: **balance(budget:B) = amount − committed** (the account is
-    what is available: credited by settings, carries in and returns, debited by mints); a budget account without
-    steps ends at 0. A problem names the entry of the step. Budgets whose history began before budget steps (leaf
-    v1 settings or mints) are named in a warning and not replayed.
+    the log each budget's last step equals its account: **balance(budget:B) = amount − committed + pending
+    movements into B − pending steps of B** (the account is what is available: credited by settings, carries in and
+    returns, debited by mints). A return's (carry's) value moves on a VoucherFrozen (carrying VoucherExpired) entry
+    and its step is a BudgetReturned (BudgetCarried) from another topic, in either order: each step is bound to a
+    movement of its budget, kind and amount (budgets.py), and what is unmatched is pending, counted above and
+    warned about; a budget left with a step and a movement of one kind both unmatched fails (a step of the wrong
+    amount). A problem names the entry of the step. Budgets whose history began before budget steps (leaf v1
+    settings or mints) are named in a warning and not replayed.
 
 Speed: an export is cut into as many consecutive ranges as there are processors; each is checked and replayed by
 its own process and the replays are joined in order (replay.py), which gives the same first problem as one process.
