@@ -18,7 +18,7 @@ from schemas.issuing import (
     RevokeIn, TokenRevocation, TokenRevokeIn, Voucher, VoucherPage, VoucherStatus,
 )
 
-from services.common import db, http, idempotency, kafka, outbox, paging, tasks
+from services.common import db, http, idempotency, kafka, outbox, paging, processed_events, tasks
 from services.common.auth import require
 from services.common.consumer import Consumer, Delivered, of_types
 from services.common.errors import ValidationFailed
@@ -253,6 +253,7 @@ def create_app(settings: Settings) -> web.Application:
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="redemption-consumer")
         sweeper = asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper")
+        pruner = asyncio.create_task(processed_events.prune_forever(pool), name="processed-events-pruner")
         yield
         # Drain in dependency order: writers commit what is queued, the consumer its batch, the relay publishes
         # what is committed, then the pool closes.
@@ -261,7 +262,7 @@ def create_app(settings: Settings) -> web.Application:
                                 "redemption consumer did not stop in time; its uncommitted batch will be redelivered")
         await tasks.stop_within(relay.stop, relay_task, RELAY_DRAIN_S,
                                 "outbox relay did not drain in time; rows stay in the outbox for the next start")
-        await tasks.cancel_all([sweeper])
+        await tasks.cancel_all([sweeper, pruner])
         await probe.close()
         await pool.close()
 

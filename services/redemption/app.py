@@ -19,7 +19,7 @@ from schemas.redemption import (
     VoidIn, VoucherView,
 )
 
-from services.common import db, http, idempotency, kafka, outbox, paging, tasks
+from services.common import db, http, idempotency, kafka, outbox, paging, processed_events, tasks
 from services.common.auth import Principal, require
 from services.common.consumer import Consumer, Delivered, of_types
 from services.common.errors import ValidationFailed
@@ -235,6 +235,7 @@ def create_app(settings: Settings) -> web.Application:
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         consumer_task = asyncio.create_task(consumer.run(), name="issuing-consumer")
         background = [asyncio.create_task(idempotency.sweep_forever(pool), name="idempotency-sweeper"),
+                      asyncio.create_task(processed_events.prune_forever(pool), name="processed-events-pruner"),
                       *sweeper.start(svc)]
         yield
         # Drain in dependency order (requests have finished): the writer commits what is queued, the sweepers stop
