@@ -68,6 +68,14 @@ READY_CHECK_TIMEOUT_S: Final = 2.0
 GC_YOUNG_OBJECTS: Final = 50_000            # allocations between young-generation collections (CPython: 700)
 RETRY_AFTER_S: Final = 1                   # Retry-After on 503 unavailable and 429 rate_limited
 LISTEN_BACKLOG_MAX: Final = 1024           # connections waiting to be accepted (bursts of a load test)
+# A connection's first request head (line and headers) arrives within HEADER_TIMEOUT_S of connecting, and every later
+# one within HTTP_IDLE_TIMEOUT_S of the previous answer; else the connection is closed (slow or idle clients). Idle is
+# above the 15 s for which aiohttp's and most clients' pools keep a connection, so we rarely close one being reused.
+HEADER_TIMEOUT_S: Final = 10.0
+HTTP_IDLE_TIMEOUT_S: Final = 30.0
+HEADERS_MAX: Final = 100                   # header fields in one request (more: 431 headers_too_large)
+HEADER_FIELD_BYTES_MAX: Final = 8190       # one header line, name and value (longer: 431 headers_too_large)
+REQUEST_LINE_BYTES_MAX: Final = 16_384     # the request line (longer: 414 uri_too_long)
 RATE_LIMIT_PER_S: Final = 20_000.0         # requests a principal may make per second, sustained (CVL_RATE_LIMIT_PER_S) ...
 RATE_LIMIT_BURST: Final = 40_000           # ... and at once (CVL_RATE_LIMIT_BURST): a guard against a runaway client
 RATE_LIMIT_PRINCIPALS_MAX: Final = 100_000  # principals whose buckets a process keeps (the oldest goes first)
@@ -220,6 +228,8 @@ BENCH_LEDGER_POLL_S: Final = 0.005         # first pause between asks to the led
 
 assert PG_COMMAND_TIMEOUT_S < REQUEST_TIMEOUT_S < SHUTDOWN_TIMEOUT_S, "timeouts must nest"
 assert CONSUMER_DRAIN_S < SHUTDOWN_TIMEOUT_S and RELAY_DRAIN_S < SHUTDOWN_TIMEOUT_S
+assert HEADER_TIMEOUT_S <= HTTP_IDLE_TIMEOUT_S, "a new connection waits no longer for its head than an idle one"
+assert HEADER_FIELD_BYTES_MAX != REQUEST_LINE_BYTES_MAX, "the parser's LineTooLong tells them apart by the limit"
 assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writer transaction"
 assert SHUTDOWN_TIMEOUT_S < STACK_EXIT_WAIT_S, "the stack waits for a drain to finish before killing"
 assert TOKEN_TOPIC_RETENTION_MS > TOKEN_TTL_S_MAX * 1000, "a revocation outlives every token it could refuse"

@@ -24,6 +24,21 @@ class IdempotencyKeyReused(ServiceError):
     status, code, title = 422, "idempotency_key_reused", "Idempotency-Key was used with a different request"
 
 
+class BadRequest(ServiceError):
+    """A request the HTTP parser refused before any route saw it (malformed request line or headers)."""
+    status, code, title = 400, "bad_request", "The request is not valid HTTP"
+
+
+class HeadersTooLarge(ServiceError):
+    """RFC 6585 section 5: too many header fields, or one too large (HEADERS_MAX, HEADER_FIELD_BYTES_MAX)."""
+    status, code, title = 431, "headers_too_large", "The request's header fields are too large"
+
+
+class UriTooLong(ServiceError):
+    """RFC 9110 section 15.5.15: a request line longer than REQUEST_LINE_BYTES_MAX."""
+    status, code, title = 414, "uri_too_long", "The request target is too long"
+
+
 class Unauthorized(ServiceError):
     status, code, title = 401, "unauthorized", "Missing or invalid bearer token"
 

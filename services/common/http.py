@@ -19,17 +19,20 @@ from typing import Any, Final, TypeVar
 import asyncpg
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.common import Problem
 from schemas.limits import (
-    BODY_BYTES_MAX, GC_YOUNG_OBJECTS, IDEMPOTENCY_KEY_LENGTH_MAX, LISTEN_BACKLOG_MAX, READY_CHECK_TIMEOUT_S,
-    SHUTDOWN_TIMEOUT_S,
+    BODY_BYTES_MAX, GC_YOUNG_OBJECTS, HEADER_FIELD_BYTES_MAX, HEADER_TIMEOUT_S, HEADERS_MAX, HTTP_IDLE_TIMEOUT_S,
+    IDEMPOTENCY_KEY_LENGTH_MAX, LISTEN_BACKLOG_MAX, READY_CHECK_TIMEOUT_S, REQUEST_LINE_BYTES_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
 from . import auth, db, idempotency, jwks, kafka, metrics, ratelimit, request_ids, revocations, tasks
 from .access_log import STATUS_CLIENT_GONE, AccessLog
-from .errors import NotFound, PayloadTooLarge, RateLimited, ServiceError, Unavailable, ValidationFailed
+from .errors import BadRequest, HeadersTooLarge, NotFound, PayloadTooLarge, RateLimited, ServiceError, Unavailable, UriTooLong, ValidationFailed
 from .settings import Settings
 
 log = logging.getLogger("cvl.http")
@@ -490,6 +493,88 @@ def tune_gc() -> None:
     gc.freeze()
 
 
+# --- connections: header and idle time, and what the parser refuses ---------------------------------------------------
+
+class EdgeRequestHandler(RequestHandler):
+    """aiohttp's connection protocol with two changes, neither of which costs anything per request:
+
+    - The head of a connection's first request must arrive within `header_timeout_s` of connecting (slow-header
+      clients). aiohttp arms its keep-alive check at connection_made with the idle limit, and that check closes a
+      connection still waiting for a complete request head; we only bring its first deadline forward. After each
+      answer aiohttp re-arms it with the idle limit (keepalive_timeout), so a later head, or silence, is bounded
+      by HTTP_IDLE_TIMEOUT_S. One timer per connection, none per request.
+    - What the HTTP parser refuses (too many or too large headers, a malformed request) is a problem+json with a
+      `code` and a warning line, not aiohttp's text/plain 400 and an error with a stack trace: it is the client's
+      mistake. The request never reached the middleware, so it has no access line or metric.
+    """
+
+    __slots__ = ("_header_timeout_s",)
+
+    def __init__(self, manager: Server, *, header_timeout_s: float = HEADER_TIMEOUT_S, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # Relies on aiohttp 3.14's keep-alive fields (tests/test_connections.py checks the behaviour).
+        if self._keepalive_handle is not None and self._header_timeout_s < self._keepalive_timeout:
+            self._keepalive_handle.cancel()
+            self._next_keepalive_close_time = self._loop.time() + self._header_timeout_s
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, BadHttpMessage):
+            return super().handle_error(request, status, exc, message)
+        err: ServiceError
+        if isinstance(exc, LineTooLong):
+            limit = exc.args[1]
+            err = (UriTooLong(f"the request line exceeds {REQUEST_LINE_BYTES_MAX} bytes")
+                   if limit == REQUEST_LINE_BYTES_MAX else
+                   HeadersTooLarge(f"a header field exceeds {HEADER_FIELD_BYTES_MAX} bytes"))
+        elif exc.message == "Too many headers received":
+            err = HeadersTooLarge(f"more than {HEADERS_MAX} header fields")
+        else:
+            err = BadRequest(f"the request is not valid HTTP: {exc.message}")
+        request_id = request_ids.new()  # the connection's task may still hold an earlier request's id
+        request_ids.current.set(request_id)
+        extra = {"code": err.code, "remote": request.remote, "request_id": request_id}
+        # Non-HTTP traffic (TLS to a plain port, scanners) is common on an open port: debug, as aiohttp does.
+        (log.debug if isinstance(exc, BadHttpMethod) else log.warning)("request refused by the HTTP parser: %s",
+                                                                       exc.message, extra=extra)
+        response = problem_response(err)
+        response.headers[request_ids.HEADER] = request_id
+        response.force_close()  # the parser's state is unknown after a refused head
+        return response
+
+
+class EdgeServer(Server):
+    """aiohttp's low-level server, making EdgeRequestHandler connections."""
+
+    def __call__(self) -> RequestHandler:
+        return EdgeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose server makes EdgeRequestHandler connections (aiohttp builds the Server in the app; its
+    class is the only thing changed)."""
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        assert type(server) is Server, "aiohttp's app makes a plain Server"
+        server.__class__ = EdgeServer
+        return server
+
+
+def runner(app: web.Application, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+           idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S) -> EdgeRunner:
+    """The app's runner with the edge's connection limits (serve and the tests build it here)."""
+    return EdgeRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                      keepalive_timeout=idle_timeout_s, header_timeout_s=header_timeout_s,
+                      max_line_size=REQUEST_LINE_BYTES_MAX, max_field_size=HEADER_FIELD_BYTES_MAX,
+                      max_headers=HEADERS_MAX)
+
+
 def serve(settings: Settings, app_factory: Callable[[Settings], web.Application]) -> None:
     """Run until SIGTERM/SIGINT, then stop accepting, finish in-flight requests and run cleanups (drain)."""
     tune_gc()
@@ -501,9 +586,9 @@ def serve(settings: Settings, app_factory: Callable[[Settings], web.Application]
 
     async def main() -> None:
         app = app_factory(settings)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG_MAX, reuse_address=True)
+        app_runner = runner(app)
+        await app_runner.setup()
+        site = web.TCPSite(app_runner, settings.host, settings.port, backlog=LISTEN_BACKLOG_MAX, reuse_address=True)
         await site.start()
         log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
         stop = asyncio.Event()
@@ -512,7 +597,7 @@ def serve(settings: Settings, app_factory: Callable[[Settings], web.Application]
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: draining requests, writers, relay and consumers")
-        await runner.cleanup()
+        await app_runner.cleanup()
         log.info("stopped")
 
     asyncio.run(main())
