@@ -130,6 +130,16 @@ CONSUMER_POLL_MS: Final = 200
 CONSUMER_COMMIT_INTERVAL_S: Final = 0.5    # a consumer commits its offsets at most this often (and when it stops)
 CONSUMER_FETCH_MIN_BYTES: Final = 64 * 1024  # a fetch waits for this much ...
 CONSUMER_FETCH_WAIT_MS: Final = 20          # ... or this long (the latency it may add per hop when idle)
+# Group membership: how soon a restarted consumer gets its partitions back. A member that stops cleanly leaves the
+# group (LeaveGroup at consumer.stop()), so its successor joins at once; one that dies (SIGKILL) is dropped after the
+# session timeout (the broker's group.min.session.timeout.ms is 6 s by default: this is that minimum), detected by
+# heartbeats a third of it apart; a rebalance waits at most the rebalance timeout for the others to rejoin (aiokafka
+# rejoins in the background, whatever the batch in hand). A member that does not poll for the max poll interval
+# (a batch stuck that long) leaves, and its partitions go to the others.
+CONSUMER_SESSION_TIMEOUT_MS: Final = 6_000
+CONSUMER_HEARTBEAT_INTERVAL_MS: Final = 1_000
+CONSUMER_REBALANCE_TIMEOUT_MS: Final = 10_000
+CONSUMER_MAX_POLL_INTERVAL_MS: Final = 60_000
 CONSUMER_RESTART_DELAY_S: Final = 1.0      # pause before a failed consumer reconnects
 CONSUMER_LAG_INTERVAL_S: Final = 1.0       # how often a consumer refreshes its lag gauges
 # processed_events rows (an event a consumer applied) are kept until no copy of the event can be redelivered: no
@@ -228,6 +238,7 @@ BENCH_LEDGER_POLL_S: Final = 0.005         # first pause between asks to the led
 
 assert PG_COMMAND_TIMEOUT_S < REQUEST_TIMEOUT_S < SHUTDOWN_TIMEOUT_S, "timeouts must nest"
 assert CONSUMER_DRAIN_S < SHUTDOWN_TIMEOUT_S and RELAY_DRAIN_S < SHUTDOWN_TIMEOUT_S
+assert CONSUMER_HEARTBEAT_INTERVAL_MS * 3 <= CONSUMER_SESSION_TIMEOUT_MS <= CONSUMER_REBALANCE_TIMEOUT_MS
 assert HEADER_TIMEOUT_S <= HTTP_IDLE_TIMEOUT_S, "a new connection waits no longer for its head than an idle one"
 assert HEADER_FIELD_BYTES_MAX != REQUEST_LINE_BYTES_MAX, "the parser's LineTooLong tells them apart by the limit"
 assert BATCH_MINT_MAX <= MINT_BATCH_MAX, "one batch request must fit in one writer transaction"

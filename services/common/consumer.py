@@ -17,7 +17,7 @@ from typing import Final
 
 import asyncpg
 import msgspec
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError
 
 from schemas.events import Event, VouchersMinted, decode_event
@@ -25,7 +25,8 @@ from schemas.events import Event, VouchersMinted, decode_event
 from . import kafka, metrics
 from .settings import Settings
 from schemas.limits import (
-    CONSUMER_BATCH_MAX, CONSUMER_COMMIT_INTERVAL_S, CONSUMER_TRANSACTION_WEIGHT_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
+    CONSUMER_BATCH_MAX, CONSUMER_COMMIT_INTERVAL_S, CONSUMER_HEARTBEAT_INTERVAL_MS, CONSUMER_MAX_POLL_INTERVAL_MS,
+    CONSUMER_REBALANCE_TIMEOUT_MS, CONSUMER_SESSION_TIMEOUT_MS, CONSUMER_TRANSACTION_WEIGHT_MAX, CONSUMER_FETCH_MIN_BYTES, CONSUMER_FETCH_WAIT_MS, CONSUMER_LAG_INTERVAL_S, CONSUMER_POLL_MS,
     CONSUMER_RESTART_DELAY_S, CONSUMER_STALLED_LAG_TIMEOUT_S, KAFKA_REQUEST_TIMEOUT_MS,
 )
 
@@ -68,6 +69,28 @@ def of_types(*types: type) -> Wants:
     return wants
 
 
+class _JoinReport(ConsumerRebalanceListener):
+    """Logs each assignment, and the time from the consumer's start to its first one (`cvl_consumer_join_seconds`):
+    until then the service is ready but does not see new events (a restarted redemption answers 404 meanwhile)."""
+
+    def __init__(self, service: str, group: str):
+        self.service, self.group = service, group
+        self.started = time.monotonic()
+        self.joined = False
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        extra = {"group": self.group, "partitions": len(assigned)}
+        if not self.joined:
+            self.joined = True
+            join_s = time.monotonic() - self.started
+            metrics.consumer_join.labels(self.service, self.group).set(join_s)
+            extra["join_s"] = round(join_s, 3)
+        log.info("consumer partitions assigned", extra=extra)
+
+
 class Consumer:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, *, topics: list[str], group: str, handler: Handler,
                  wants: Wants = everything, claim: bool = True):
@@ -94,7 +117,6 @@ class Consumer:
     async def run(self) -> None:
         while not self._stopping:
             consumer = AIOKafkaConsumer(
-                *self.topics,
                 **kafka.client_options(self.settings),
                 group_id=self.group,
                 client_id=f"cvl-{self.settings.service}",
@@ -107,7 +129,15 @@ class Consumer:
                 # fuller fetches (broker and client CPU per event), at the price of a bounded wait when idle.
                 fetch_min_bytes=CONSUMER_FETCH_MIN_BYTES,
                 fetch_max_wait_ms=CONSUMER_FETCH_WAIT_MS,
+                # A restart rejoins within a bound (README "Operate"): a member that stopped cleanly has left the
+                # group (consumer.stop() below sends LeaveGroup), one that died is dropped after the session timeout,
+                # and a rebalance waits at most the rebalance timeout for the members to rejoin.
+                session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
+                heartbeat_interval_ms=CONSUMER_HEARTBEAT_INTERVAL_MS,
+                rebalance_timeout_ms=CONSUMER_REBALANCE_TIMEOUT_MS,
+                max_poll_interval_ms=CONSUMER_MAX_POLL_INTERVAL_MS,
             )
+            consumer.subscribe(self.topics, listener=_JoinReport(self.settings.service, self.group))
             try:
                 await consumer.start()
                 log.info("consumer started", extra={"group": self.group, "topics": self.topics})

@@ -21,6 +21,9 @@ outbox_leader = Gauge("cvl_outbox_relay_leader", "1 when this process's relay ho
 
 consumer_lag = Gauge("cvl_consumer_lag_messages", "Messages behind the partition's high watermark",
                      ["service", "topic", "partition"])
+consumer_join = Gauge("cvl_consumer_join_seconds",
+                      "Seconds from a consumer's start to its group's first assignment (set once per start)",
+                      ["service", "group"])
 events_applied = Counter("cvl_events_applied_total", "Events applied by a consumer", ["service", "type"])
 events_duplicate = Counter("cvl_events_duplicate_total", "Redelivered events skipped (already applied)", ["service"])
 dead_letters = Counter("cvl_dead_letters_total", "Messages that could not be decoded", ["service", "topic"])
