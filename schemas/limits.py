@@ -84,6 +84,12 @@ REQUEST_IDS_DRAWN_AT_ONCE: Final = 256     # new request ids drawn from the OS's
 ACCESS_LOG_FLUSH_S: Final = 0.25           # access lines wait at most this long in their buffer ...
 ACCESS_LOG_BUFFER_BYTES_MAX: Final = 64 * 1024  # ... or until this many bytes are buffered (one write each)
 
+# --- logs and dependencies ------------------------------------------------------------------------------------------
+LOG_REPEAT_INTERVAL_S: Final = 30.0        # a retry loop's line of one kind passes at most this often (the first at once)
+LOG_REPEAT_KINDS_MAX: Final = 1000         # kinds of quieted line remembered (then forgotten all at once)
+DEPENDENCY_CHECK_S: Final = 1.0            # each process checks PostgreSQL and Kafka this often, logging state changes
+DEPENDENCY_DOWN_REMINDER_S: Final = 30.0   # ... and, while one stays unreachable, says so again this often
+
 # --- minting (the hot budget account) --------------------------------------------------------------------------------
 MINT_BATCH_MAX: Final = 1000               # vouchers one writer commits in one transaction
 MINT_QUEUE_MAX: Final = 20_000             # pending mint commands per budget writer before 429

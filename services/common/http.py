@@ -30,12 +30,13 @@ from schemas.limits import (
     IDEMPOTENCY_KEY_LENGTH_MAX, LISTEN_BACKLOG_MAX, READY_CHECK_TIMEOUT_S, REQUEST_LINE_BYTES_MAX, SHUTDOWN_TIMEOUT_S,
 )
 
-from . import auth, db, idempotency, jwks, kafka, metrics, ratelimit, request_ids, revocations, tasks
+from . import auth, db, dependencies, idempotency, jwks, kafka, metrics, ratelimit, request_ids, revocations, tasks
 from .access_log import STATUS_CLIENT_GONE, AccessLog
 from .errors import BadRequest, HeadersTooLarge, NotFound, PayloadTooLarge, RateLimited, ServiceError, Unavailable, UriTooLong, ValidationFailed
 from .settings import Settings
 
 log = logging.getLogger("cvl.http")
+db_log = logging.getLogger("cvl.http.database")  # one line per failed request while it is down: quieted (logs.Repeats)
 
 T = TypeVar("T")
 JSON: Final = "application/json"
@@ -188,7 +189,8 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
     # The database restarting or unreachable (a connection closed mid-transaction included) is 503 with
     # Retry-After, never a 500: the server rolled back what was in flight, so a retry is safe.
     if db.is_unavailable(exc):
-        log.error("database unavailable: %r", exc, extra={"method": request.method, "path": request.rel_url.path})
+        db_log.error("database unavailable: %r", exc, extra={"method": request.method,
+                                                              "path": request.rel_url.path})
         return problem_response(Unavailable("the database is not reachable now; retry with the same "
                                             "Idempotency-Key"))
     log.error("unhandled error", exc_info=exc, extra={"method": request.method, "path": request.rel_url.path})
@@ -591,12 +593,14 @@ def serve(settings: Settings, app_factory: Callable[[Settings], web.Application]
         site = web.TCPSite(app_runner, settings.host, settings.port, backlog=LISTEN_BACKLOG_MAX, reuse_address=True)
         await site.start()
         log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
+        watch = asyncio.create_task(dependencies.watch(app[READY]), name="dependencies")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: draining requests, writers, relay and consumers")
+        await tasks.cancel_all([watch])
         await app_runner.cleanup()
         log.info("stopped")
 
