@@ -127,6 +127,7 @@ OUTBOX_ABORT_TIMEOUT_S: Final = 5.0        # a failed round's abort is awaited t
 # relay records (a round's most) or the partition's start; each step's reading bounded by the timeout.
 OUTBOX_RECOVERY_WINDOW_MIN: Final = 2 * OUTBOX_BATCH_MAX + 16
 OUTBOX_RECOVERY_TIMEOUT_S: Final = 30.0
+OUTBOX_ROUND_SPACING_S: Final = 0.05      # under load, relay rounds (Kafka transactions) start at most this often
 OUTBOX_IDLE_POLL_S: Final = 0.05           # relay poll interval when nothing was signalled
 OUTBOX_LEADER_RETRY_S: Final = 1.0         # how often a non-leader relay tries to take the lead
 OUTBOX_STATS_INTERVAL_S: Final = 1.0       # how often the relay refreshes its pending/lag gauges
