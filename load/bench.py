@@ -44,7 +44,7 @@ import asyncpg
 from load.cpu import CpuMeter, Snapshot, per_unit_us
 from load.naive import NaiveDatabase, pct, pgbench_binary, run_pgbench
 from schemas.limits import (
-    BENCH_BATCH_S, BENCH_LEDGER_POLL_S, BENCH_LEDGER_WAIT_S, BENCH_NAIVE_S, BENCH_PHASE_DEADLINE_S,
+    BENCH_BATCH_S, BENCH_LEDGER_POLL_S, BENCH_LEDGER_WAIT_S, BENCH_NAIVE_S, BENCH_PHASE_DEADLINE_S, BENCH_WARMUP_S,
     BENCH_PROBE_INTERVAL_S, BENCH_PROBE_WAIT_S, BENCH_PROBES,
 )
 from services.stack import ROOT, Stack, create_stack, drop_stack, unique
@@ -63,9 +63,10 @@ TARGETS: Final = {
 }
 # Phase sizes: the defaults, and `--quick` (a smoke run of about a minute; its figures are not results).
 DEFAULTS: Final = {"naive_seconds": BENCH_NAIVE_S, "mints": 20_000, "wrk_seconds": 15, "batch_seconds": BENCH_BATCH_S,
-                   "redemptions": 10_000, "redemption_vouchers": 2_000, "probes_after": BENCH_PROBES}
+                   "redemptions": 10_000, "redemption_vouchers": 2_000, "probes_after": BENCH_PROBES,
+                   "warmup_seconds": BENCH_WARMUP_S}
 QUICK: Final = {"naive_seconds": 3, "mints": 2_000, "wrk_seconds": 3, "batch_seconds": 4.0,
-                "redemptions": 1_000, "redemption_vouchers": 300, "probes_after": 20}
+                "redemptions": 1_000, "redemption_vouchers": 300, "probes_after": 20, "warmup_seconds": 2}
 
 
 class Client:
@@ -341,8 +342,8 @@ async def mint_single(w: World, args: argparse.Namespace) -> dict:
                                "mint", len(ok) + win.prober.minted)
 
 
-async def mint_single_wrk(w: World, args: argparse.Namespace) -> dict:
-    async with Window(w, "mint_single_wrk") as win:
+async def mint_single_wrk(w: World, args: argparse.Namespace, name: str = "mint_single_wrk") -> dict:
+    async with Window(w, name) as win:
         counts = await asyncio.to_thread(wrk_mints, w.issuing_urls[0], w.issuer,
                                          mint_body(w.city, w.year, WRK_MINT_FEN),
                                          seconds=args.wrk_seconds, connections=args.concurrency)
@@ -375,12 +376,12 @@ class _BatchMinted(msgspec.Struct):
 _batch_answer: Final = msgspec.json.Decoder(_BatchMinted)
 
 
-async def mint_batch(w: World, args: argparse.Namespace) -> dict:
+async def mint_batch(w: World, args: argparse.Namespace, name: str = "mint_batch_1000") -> dict:
     """Batches of 1000, one body encoded once (the load generator should cost the machine little: a client
     minting in batches sends what its own system already holds), the answers decoded for ids and amounts only."""
     urls = w.issuing_urls
     body = json.dumps({"vouchers": [mint_body(w.city, w.year, 1 + j % 50) for j in range(1000)]}).encode()
-    async with Window(w, "mint_batch_1000") as win:
+    async with Window(w, name) as win:
         r = await run_requests(args.batch_concurrency, lambda i: w.client.post_encoded(
             f"{urls[i % len(urls)]}/v1/vouchers/batch", w.issuer, body, _batch_answer), seconds=args.batch_seconds)
         await win.load_done()
@@ -574,6 +575,19 @@ def summary(phases: list[dict]) -> str:
             "ledger has caught up):\n" + table(cpu_rows))
 
 
+async def warm_up(w: World, args: argparse.Namespace) -> list[dict]:
+    """Load that is not measured: single mints by wrk, then batches, for `warmup_seconds` each, so that a broker
+    (a JVM: its JIT compiles the hot paths in the first minute), PostgreSQL's caches and the services' own are warm
+    when the measured phases start. Its vouchers count in the final consistency checks like any other."""
+    out = []
+    if shutil.which("wrk"):
+        out.append(await mint_single_wrk(w, argparse.Namespace(**{**vars(args), "wrk_seconds": args.warmup_seconds}),
+                                         name="warmup_single_wrk"))
+    out.append(await mint_batch(w, argparse.Namespace(**{**vars(args), "batch_seconds": float(args.warmup_seconds)}),
+                                name="warmup_batch"))
+    return out
+
+
 # --- main --------------------------------------------------------------------------------------------------------
 
 async def main(args: argparse.Namespace) -> int:
@@ -596,6 +610,8 @@ async def main(args: argparse.Namespace) -> int:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             w = World(stack, Client(session), cpu, naive["per_second"] if naive else None)
             await w.setup(budget_fen=10**14)
+            if args.warmup_seconds > 0:
+                report["warmup"] = await warm_up(w, args)
             if args.mints > 0:
                 phases.append(await mint_single(w, args))
             if shutil.which("wrk") and args.wrk_seconds > 0:
@@ -633,6 +649,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m load.bench")
     p.add_argument("--quick", action="store_true", help="a smoke run: every phase shortened (figures are no results)")
     p.add_argument("--naive-seconds", type=int, help=f"pgbench baseline (default {DEFAULTS['naive_seconds']}; 0: skip)")
+    p.add_argument("--warmup-seconds", type=int,
+                   help=f"unmeasured load first, single mints then batches (default {DEFAULTS['warmup_seconds']} each)")
     p.add_argument("--mints", type=int, help=f"single mints, Python client (default {DEFAULTS['mints']})")
     p.add_argument("--wrk-seconds", type=int, help=f"single mints by wrk (default {DEFAULTS['wrk_seconds']}; 0: skip)")
     p.add_argument("--batch-seconds", type=float, help=f"batch phase (default {DEFAULTS['batch_seconds']})")

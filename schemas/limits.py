@@ -238,6 +238,7 @@ BENCH_PHASE_DEADLINE_S: Final = 300.0      # one load phase stops issuing reques
 BENCH_LEDGER_WAIT_S: Final = 300.0         # the ledger catches up with everything acknowledged within this
 BENCH_PROBE_WAIT_S: Final = 30.0           # one ack-to-ledger probe gives up after this
 BENCH_PROBES: Final = 100                  # sequential ack-to-ledger probes
+BENCH_WARMUP_S: Final = 15                 # unmeasured load (single mints, then batches, this long each) first
 BENCH_NAIVE_S: Final = 15                  # the naive design (pgbench, same PostgreSQL) runs this long
 BENCH_BATCH_S: Final = 30.0                # the batch phase is sustained this long (by time, not by count)
 BENCH_PROBE_INTERVAL_S: Final = 0.25       # one ack-to-ledger probe is minted this often DURING each load phase
