@@ -61,10 +61,9 @@ WITH p AS (
            split_part(p.account, ':', 1) AS kind, split_part(p.account, ':', 2) AS ref
     FROM postings p WHERE p.entry_index >= $2
 ), c AS (
-    SELECT p.*, CASE WHEN p.kind IN ('appropriation', 'budget', 'lapsed') THEN p.ref ELSE v.city END AS city
-    FROM p LEFT JOIN vouchers v
-        ON p.kind IN ('voucher', 'hold') AND v.voucher_id = (CASE WHEN p.kind IN ('voucher', 'hold')
-                                                                THEN p.ref::uuid END)
+    SELECT p.*, CASE WHEN p.kind IN ('appropriation', 'budget', 'lapsed') THEN p.ref ELSE a.city END AS city
+    FROM p LEFT JOIN accounts a  -- a voucher: or hold: account's row holds its voucher's home (ledger migration 009)
+        ON p.kind IN ('voucher', 'hold') AND a.account = p.account
 ), e AS (
     SELECT c.entry_index,
            coalesce(sum(c.debit) FILTER (WHERE c.kind = 'budget' AND c.city = $1), 0)::bigint AS budget_debits,
