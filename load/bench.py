@@ -41,10 +41,12 @@ import aiohttp
 import msgspec
 import asyncpg
 
+from load import entries_bench
 from load.cpu import CpuMeter, Snapshot, per_unit_us
 from load.naive import NaiveDatabase, pct, pgbench_binary, run_pgbench
 from schemas.limits import (
     BENCH_BATCH_S, BENCH_LEDGER_POLL_S, BENCH_LEDGER_WAIT_S, BENCH_NAIVE_S, BENCH_PHASE_DEADLINE_S, BENCH_WARMUP_S,
+    BENCH_ACCOUNT_ENTRIES, BENCH_ACCOUNT_ENTRIES_PAGES,
     BENCH_PROBE_INTERVAL_S, BENCH_PROBE_WAIT_S, BENCH_PROBES,
 )
 from services.stack import ROOT, Stack, create_stack, drop_stack, unique
@@ -64,9 +66,10 @@ TARGETS: Final = {
 # Phase sizes: the defaults, and `--quick` (a smoke run of about a minute; its figures are not results).
 DEFAULTS: Final = {"naive_seconds": BENCH_NAIVE_S, "mints": 20_000, "wrk_seconds": 15, "batch_seconds": BENCH_BATCH_S,
                    "redemptions": 10_000, "redemption_vouchers": 2_000, "probes_after": BENCH_PROBES,
-                   "warmup_seconds": BENCH_WARMUP_S}
+                   "warmup_seconds": BENCH_WARMUP_S, "account_entries": BENCH_ACCOUNT_ENTRIES}
 QUICK: Final = {"naive_seconds": 3, "mints": 2_000, "wrk_seconds": 3, "batch_seconds": 4.0,
-                "redemptions": 1_000, "redemption_vouchers": 300, "probes_after": 20, "warmup_seconds": 2}
+                "redemptions": 1_000, "redemption_vouchers": 300, "probes_after": 20, "warmup_seconds": 2,
+                "account_entries": 50_000}
 
 
 class Client:
@@ -526,6 +529,11 @@ def summary(phases: list[dict]) -> str:
         name, cpu = p["phase"], p.get("cpu_us_per_unit") or {}
         ratio = p.get("ratio_to_naive")
         cpu_total = cpu.get("total")
+        if name == "account_entries":
+            cases = [(k, v) for k, v in p.items() if isinstance(v, dict)]
+            rows.append((f"account entries page ({p['entries']:,} entries)", "; ".join(
+                f"{k}: p99 {v['p99_ms']:.1f} ms" for k, v in cases), "p99 reported (issue \"tools\")", "", "", ""))
+            continue
         if name == "ack_to_ledger_after_load":
             rows.append(("ack→ledger after load (sequential)", f"p50 {_n(p['p50_ms'], '.1f')} ms, p99 "
                          f"{_n(p['p99_ms'], '.1f')} ms ({p['probes']} probes)", "— (not under load)", "", "", ""))
@@ -627,6 +635,10 @@ async def main(args: argparse.Namespace) -> int:
             if args.probes_after > 0:
                 phases.append(await ack_to_ledger_after_load(w, args.probes_after))
             report["consistency"] = await consistency(w)
+        if args.account_entries > 0:
+            # After the load and its checks: a scratch database of its own, the stack idle.
+            phases.append(await entries_bench.run(args.account_entries, BENCH_ACCOUNT_ENTRIES_PAGES))
+            print(json.dumps(phases[-1]))
         table = summary(phases)
         report["summary"] = table
         REPORT.parent.mkdir(exist_ok=True)
@@ -651,6 +663,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--naive-seconds", type=int, help=f"pgbench baseline (default {DEFAULTS['naive_seconds']}; 0: skip)")
     p.add_argument("--warmup-seconds", type=int,
                    help=f"unmeasured load first, single mints then batches (default {DEFAULTS['warmup_seconds']} each)")
+    p.add_argument("--account-entries", type=int,
+                   help=f"journal size for the account-entries page timing (default {DEFAULTS['account_entries']}; 0: skip)")
     p.add_argument("--mints", type=int, help=f"single mints, Python client (default {DEFAULTS['mints']})")
     p.add_argument("--wrk-seconds", type=int, help=f"single mints by wrk (default {DEFAULTS['wrk_seconds']}; 0: skip)")
     p.add_argument("--batch-seconds", type=float, help=f"batch phase (default {DEFAULTS['batch_seconds']})")
