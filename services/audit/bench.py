@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import merkle, note
 from .client import Progress
+from .entries import Budget as LeafBudget  # the leaf v2 budget object, as the verifier reads it
 from .export import EXPORT_FORMAT
 
 CHECKPOINT_EVERY: Final = 10_000
@@ -42,17 +43,6 @@ class ServedPosting(msgspec.Struct):
     account: str
     debit: int
     credit: int
-
-
-class LeafBudget(msgspec.Struct, kw_only=True, omit_defaults=True):
-    amount: int
-    carried: int | None = None
-    city: str
-    committed: int
-    program: str
-    returned: int | None = None
-    seq: int
-    year: int
 
 
 class ServedEntry(msgspec.Struct, omit_defaults=True):
