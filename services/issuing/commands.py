@@ -282,6 +282,7 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
         c.state = WRITING
     budgets = {store.budget_key(r): store.budget_state(r) for r in rows}
     before = {k: b.committed for k, b in budgets.items()}
+    minted_before = {store.budget_key(r): r["minted"] for r in rows}
     steps = domain.Steps({k: BudgetStep(b.seq, b.amount, b.committed) for k, b in budgets.items()})
     # The programs' rules, read under the budget locks (a kind change waits for them: store.GET_PROGRAMS_SQL).
     pkeys = sorted({(k.city, k.program) for k in keys})
@@ -318,16 +319,19 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
         free = sorted((k, used) for k, used in usage.items() if k.budget not in capped)
         events = _new_vouchers(accepted, budgets, programs, steps)
         bkeys = list(deltas)
+        vouchers = Counter(BudgetKey(v.city, v.program, v.year) for c in accepted for v in c.minted)
         for k in bkeys:  # the steps, taken in order, end where the decisions did
             assert steps.now(k).committed == budgets[k].committed and steps.count[k] >= 1, k
         updated = await conn.fetch(store.WRITE_MINTS_SQL, *_columns(bkeys, 3), list(deltas.values()),
                                    *_columns([k for k, _ in free], 4), [used for _, used in free],
                                    *_voucher_columns(accepted), accepted[0].minted[0].created_at, topic,
                                    *(list(column) for column in zip(*events)),
-                                   [steps.count[k] for k in bkeys], [steps.start[k].seq for k in bkeys])
+                                   [steps.count[k] for k in bkeys], [steps.start[k].seq for k in bkeys],
+                                   [vouchers[k] for k in bkeys])
         assert len(updated) == len(deltas), "a budget row refused its update: committed would exceed amount"
         for r in updated:
             assert 0 <= r["committed"] <= r["amount"]
+            assert r["minted"] == minted_before[store.budget_key(r)] + vouchers[store.budget_key(r)]
             assert budgets[store.budget_key(r)].committed == r["committed"]
             assert r["seq"] == steps.now(store.budget_key(r)).seq
             assert r["usage_rows"] == len(free)

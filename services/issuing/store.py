@@ -36,7 +36,8 @@ RETURNING city, program, name, kind, eligible"""
 # locks), then asks whether any voucher was minted under the program.
 LOCK_PROGRAM_BUDGETS_SQL: Final = """
 SELECT year FROM budgets WHERE city = $1 AND program = $2 ORDER BY year FOR UPDATE"""
-PROGRAM_MINTED_SQL: Final = "SELECT EXISTS (SELECT 1 FROM vouchers WHERE city = $1 AND program = $2)"
+# budgets.minted: the vouchers minted under the budget (migration 008), raised by WRITE_MINTS_SQL.
+PROGRAM_MINTED_SQL: Final = "SELECT EXISTS (SELECT 1 FROM budgets WHERE city = $1 AND program = $2 AND minted > 0)"
 
 # --- budgets: set under the city row's lock (BudgetSet is city-keyed) --------------------------------------------
 # `seq` is the budget's step count (migration 005): every statement below that changes amount or committed raises it
@@ -127,7 +128,7 @@ RETURNING v.voucher_id::text, v.amount, v.returned, v.lapsed, v.carried"""
 # The mint transaction, in the order it runs.
 # Budgets are keyed (city, program, year) and locked in that order.
 LOCK_BUDGETS_SQL: Final = """
-SELECT b.city, b.program, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end, b.seq
+SELECT b.city, b.program, b.year, b.amount, b.committed, b.enterprise_cap, b.year_end, b.seq, b.minted
 FROM budgets b JOIN unnest($1::text[], $2::text[], $3::int[]) AS k(city, program, year) USING (city, program, year)
 ORDER BY b.city, b.program, b.year
 FOR UPDATE OF b"""
@@ -165,7 +166,8 @@ RETURNING city, program, year, beneficiary, used"""
 # their events queued in the outbox (layout: services.common.outbox; $21: topic, then per event $22: key, $23: event id,
 # $24: type, $25: payload, in order: a VoucherMinted keyed by its voucher id per single mint, a VouchersMinted keyed by
 # city per budget of a batch request). A budget's seq rises by its steps ($26: one per VoucherMinted, one per
-# VouchersMinted), which the events were numbered with from the seq locked ($27).
+# VouchersMinted), which the events were numbered with from the seq locked ($27), and its minted count by its vouchers
+# ($28). Migration 008's statement trigger checks the inserted vouchers' budgets once (no per-row foreign key).
 # Every row it touches is under the budget row locks the batch holds, so the order in which PostgreSQL runs the parts
 # does not matter; a budget that refuses its update fails the batch, which then rolls back whole.
 WRITE_MINTS_SQL: Final = f"""
@@ -189,12 +191,14 @@ WITH usage AS (
     FROM unnest($22::text[], $23::uuid[], $24::text[], $25::bytea[]) WITH ORDINALITY AS e(key, event_id, type, payload, n)
     ORDER BY e.n
 )
-UPDATE budgets b SET committed = b.committed + k.delta, seq = b.seq + k.steps, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $26::int[], $27::bigint[])
-     AS k(city, program, year, delta, steps, seq)
+UPDATE budgets b SET committed = b.committed + k.delta, seq = b.seq + k.steps, minted = b.minted + k.vouchers,
+                     updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $26::int[], $27::bigint[], $28::int[])
+     AS k(city, program, year, delta, steps, seq, vouchers)
 WHERE b.city = k.city AND b.program = k.program AND b.year = k.year AND b.committed + k.delta <= b.amount
   AND b.seq = k.seq
-RETURNING b.city, b.program, b.year, b.amount, b.committed, b.seq, (SELECT count(*) FROM usage) AS usage_rows"""
+RETURNING b.city, b.program, b.year, b.amount, b.committed, b.seq, b.minted,
+          (SELECT count(*) FROM usage) AS usage_rows"""
 
 
 
