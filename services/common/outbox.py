@@ -67,12 +67,12 @@ FROM_CONTEXT: Final = "from the request's context"  # `envelope`'s request_id wh
 def envelope(cls: type[Envelope], data: msgspec.Struct, *, producer: str, actor: str,
              occurred_at: dt.datetime | None = None, event_id: str | None = None,
              request_id: str | None = FROM_CONTEXT) -> Envelope:
-    """An event; `event_id` for a batch that drew its ids at once (`ids.uuid4s`), else a fresh one. `request_id`:
+    """An event; `event_id` for a batch that drew its ids at once (`ids.uuid7s`), else a fresh one. `request_id`:
     the id of the request that caused it, by default the one being answered (`request_ids.current`); a batched
     writer, which builds the events of many requests, names each command's own (None: caused by no request)."""
     if request_id is FROM_CONTEXT:
         request_id = request_ids.current.get()
-    return cls(event_id=event_id or ids.uuid4(), occurred_at=occurred_at or now(), producer=producer, actor=actor,
+    return cls(event_id=event_id or ids.uuid7(), occurred_at=occurred_at or now(), producer=producer, actor=actor,
                data=data, request_id=request_id)  # type: ignore[call-arg]
 
 

@@ -31,7 +31,7 @@ from schemas.issuing import (
 from schemas.limits import IDEMPOTENCY_CONCURRENT_ATTEMPTS_MAX, KAFKA_RECORD_BYTES_MAX, VOUCHERS_PER_EVENT_MAX
 
 from services.common import idempotency, metrics, outbox
-from services.common.ids import uuid4s
+from services.common.ids import uuid7s
 from services.common.auth import Principal, require
 from services.common.consumer import Delivered
 from services.common.errors import NotFound, ServiceError, ValidationFailed
@@ -389,7 +389,7 @@ def _new_vouchers(accepted: list[MintCommand], budgets: dict[BudgetKey, BudgetSt
     now = outbox.now()
     n = sum(len(c.vouchers) for c in accepted)
     singles = sum(len(c.vouchers) for c in accepted if not c.batch)
-    ids = uuid4s(n + singles)  # the vouchers' ids, then the single mints' event ids
+    ids = uuid7s(n + singles)  # the vouchers' ids, then the single mints' event ids
     event_ids = iter(ids[n:])
     events: list[QueuedEvent] = []
     i = 0

@@ -38,7 +38,7 @@ from schemas.redemption import (
 )
 
 from services.common import idempotency, metrics, outbox
-from services.common.ids import uuid4, uuid4s
+from services.common.ids import uuid7, uuid7s
 from services.common.consumer import Delivered
 from services.common.errors import IdempotencyKeyReused, NotFound, ServiceError, ValidationFailed
 from services.common.group_commit import ABANDONED, TAKEN, WRITING, Command
@@ -400,7 +400,7 @@ async def _write_debits(conn: asyncpg.Connection, accepted: list[tuple[RedeemCom
     """The accepted commands' answers, then their debits (one conditional UPDATE per voucher, for its total),
     redemption rows and VoucherRedeemed events, written by ONE statement (store.WRITE_REDEMPTIONS_SQL)."""
     n = len(accepted)
-    ids = uuid4s(2 * n)  # the redemptions' ids, then their events'
+    ids = uuid7s(2 * n)  # the redemptions' ids, then their events'
     redemption_ids, voucher_ids, providers, amounts, numbers, invoice_amounts, created = (
         ids[:n], [], [], [], [], [], [])
     payloads = []
@@ -449,7 +449,7 @@ async def place_hold(svc: Service, key: idempotency.Key | None, body: HoldIn, *,
         after = store.voucher_after(voucher, await conn.fetchrow(RESERVE_SQL, voucher.voucher_id, body.amount))
         assert after.held == voucher.held + body.amount
         invoice = body.invoice
-        hold_id = uuid4()
+        hold_id = uuid7()
         expires_at = now + dt.timedelta(seconds=body.timeout_s)
         hold = await conn.fetchrow(INSERT_HOLD_SQL, hold_id, voucher.voucher_id, provider, body.amount,
                                    invoice.number if invoice else None, invoice.amount if invoice else None,
@@ -496,7 +496,7 @@ async def capture_hold(svc: Service, key: idempotency.Key | None, hold_id: str, 
         amount = hold.amount if body.amount is None else body.amount
         domain.check_within_hold(hold, amount)
 
-        redemption_id = uuid4()
+        redemption_id = uuid7()
         captured = await conn.fetchrow(CAPTURE_HOLD_SQL, hold_id, amount, redemption_id, now)
         assert captured is not None
         after = store.voucher_after(voucher, await conn.fetchrow(SETTLE_HELD_SQL, voucher.voucher_id, hold.amount,
@@ -587,7 +587,7 @@ async def refund(svc: Service, key: idempotency.Key | None, redemption_id: str, 
         after = store.voucher_after(voucher, await conn.fetchrow(
             REFUND_VOUCHER_SQL, voucher.voucher_id, body.amount, route.to_balance, route.to_budget, route.to_expiry))
         assert after.refunded == voucher.refunded + body.amount
-        refund_id = uuid4()
+        refund_id = uuid7()
         await conn.execute(INSERT_REFUND_SQL, refund_id, redemption_id, voucher.voucher_id, provider, body.amount,
                            route.returned_to, now)
         events = [_event(svc.topic, voucher.voucher_id, ev.RedemptionRefunded, ev.RedemptionRefundedData(
