@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.common import outbox
-from services.stack import ROOT, create_stack, drop_stack, free_port
+from services.stack import ROOT, create_stack, drop_stack
 from tests.conftest import make_world
 from tests.harness import Api, eventually, read_records
 
@@ -47,13 +47,18 @@ REDEEM_WORKERS: Final = 3
 BATCH_SIZE: Final = 20
 VOUCHER_AMOUNT: Final = 1_000
 REDEEMABLE_VOUCHERS: Final = 12
+# The nodes' client ports start at a random port of this range (deploy/kafka.sh takes the next free ones, controller
+# ports 100 above): below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default), so no
+# outgoing connection can take a node's port while its JVM starts or while a killed node is down. (With a free_port()
+# base, from the ephemeral range, node 2 once exited during startup in CI.)
+CLUSTER_PORTS: Final = range(20_000, 30_000)
 
 
 class Cluster:
     def __init__(self) -> None:
         self.dir = ROOT / ".run" / f"test-kafka-cluster-{secrets.token_hex(4)}"
         self.env = {**os.environ, "CVL_KAFKA_CLUSTER_DIR": str(self.dir),
-                    "CVL_KAFKA_CLUSTER_PORT": str(free_port()), "CVL_KAFKA_HEAP_OPTS": HEAP_OPTS}
+                    "CVL_KAFKA_CLUSTER_PORT": str(random.choice(CLUSTER_PORTS)), "CVL_KAFKA_HEAP_OPTS": HEAP_OPTS}
 
     def run(self, *args: str) -> None:
         subprocess.run(["bash", str(ROOT / "deploy" / "kafka.sh"), *args, "--nodes", str(NODES)], env=self.env,
