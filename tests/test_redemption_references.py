@@ -1,5 +1,6 @@
 """Redemption migration 006: a redemption's, hold's, refund's and subsidised invoice's voucher is checked per
-statement (no per-row foreign key), no row changes its voucher, and vouchers are never deleted.
+statement (no per-row foreign key), no row but a subsidised invoice changes its voucher (an invoice moves only to a
+voucher that exists), and vouchers are never deleted.
 
 Against a real PostgreSQL database migrated as the service migrates it; every refusal leaves nothing written.
 """
@@ -15,6 +16,7 @@ import pytest
 from services.common import db
 from services.common.settings import Settings
 from services.redemption import app as redemption_app
+from services.redemption.store import REASSIGN_INVOICES_SQL
 from services.stack import scratch_database
 
 NOW = dt.datetime(2026, 12, 3, tzinfo=dt.timezone.utc)
@@ -65,3 +67,21 @@ async def test_rows_keep_their_voucher_and_vouchers_stay(conn: asyncpg.Connectio
     assert await conn.fetchval("SELECT voucher_id FROM redemptions") == VOUCHER
     assert await conn.fetchval("SELECT count(*) FROM vouchers") == 1
     assert await conn.execute("UPDATE redemptions SET refunded = 1") == "UPDATE 1"
+
+
+async def test_a_subsidised_invoice_moves_only_to_a_voucher_that_exists(conn: asyncpg.Connection) -> None:
+    """A claim passes to the next spend of its invoice in a batch, on another voucher (REASSIGN_INVOICES_SQL): the
+    update is checked as an insert is."""
+    other = uuid.UUID("00000000-0000-4000-8000-000000000002")
+    await conn.execute("""
+        INSERT INTO vouchers (voucher_id, city, year, beneficiary, kind, amount, balance, subsidy_ratio_bp,
+                              expires_at, minted_at, year_end, program)
+        SELECT $1, city, year, beneficiary, kind, amount, balance, subsidy_ratio_bp, expires_at, minted_at, year_end,
+               program FROM vouchers WHERE voucher_id = $2""", other, VOUCHER)
+    await conn.execute("INSERT INTO subsidised_invoices (provider, invoice_number, invoice_amount, voucher_id, "
+                       "created_at) VALUES ('gpu-co', 'INV-1', 10, $1, $2)", VOUCHER, NOW)
+    assert await conn.execute(REASSIGN_INVOICES_SQL, ["gpu-co"], ["INV-1"], [12], [other], [NOW]) == "UPDATE 1"
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="subsidised_invoices refers to no voucher"):
+        await conn.execute(REASSIGN_INVOICES_SQL, ["gpu-co"], ["INV-1"], [13], [uuid.uuid4()], [NOW])
+    row = await conn.fetchrow("SELECT voucher_id, invoice_amount FROM subsidised_invoices")
+    assert (row["voucher_id"], row["invoice_amount"]) == (other, 12)

@@ -5,8 +5,10 @@
 -- redemptions in one bench phase, pg_stat_statements). Now:
 -- - a statement trigger on each of the four tables refuses, with the foreign key's error code, any inserted row whose
 --   voucher does not exist (one anti-join over the statement's distinct vouchers);
--- - no row of them changes its voucher, and a voucher row is never deleted (no command does either): triggers refuse
---   both, which is what kept the references true from the other side and after an insert.
+-- - a subsidised invoice may move to another voucher (a claim taken over by a later spend in the same redemption batch:
+--   REASSIGN_INVOICES_SQL), and an update of that table is checked as an insert is;
+-- - no row of the other three changes its voucher, and a voucher row is never deleted (no command does either):
+--   triggers refuse both, which is what kept the references true from the other side and after an insert.
 ALTER TABLE redemptions DROP CONSTRAINT redemptions_voucher_id_fkey;
 ALTER TABLE holds DROP CONSTRAINT holds_voucher_id_fkey;
 ALTER TABLE refunds DROP CONSTRAINT refunds_voucher_id_fkey;
@@ -45,8 +47,10 @@ CREATE TRIGGER holds_keep_vouchers BEFORE UPDATE OF voucher_id ON holds
     FOR EACH ROW EXECUTE FUNCTION voucher_ids_stay();
 CREATE TRIGGER refunds_keep_vouchers BEFORE UPDATE OF voucher_id ON refunds
     FOR EACH ROW EXECUTE FUNCTION voucher_ids_stay();
-CREATE TRIGGER subsidised_invoices_keep_vouchers BEFORE UPDATE OF voucher_id ON subsidised_invoices
-    FOR EACH ROW EXECUTE FUNCTION voucher_ids_stay();
+-- (A trigger with a transition table cannot name columns: every update of the table is checked, its rows' distinct
+-- vouchers once.)
+CREATE TRIGGER subsidised_invoices_moved_to_vouchers AFTER UPDATE ON subsidised_invoices
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION rows_have_vouchers();
 CREATE TRIGGER vouchers_stay_rekey BEFORE UPDATE OF voucher_id ON vouchers
     FOR EACH ROW EXECUTE FUNCTION voucher_ids_stay();
 CREATE TRIGGER vouchers_stay_delete BEFORE DELETE ON vouchers FOR EACH ROW EXECUTE FUNCTION voucher_ids_stay();
