@@ -303,6 +303,11 @@ def edge_middleware(service: str, request_timeout_s: float, verifier: auth.Verif
             except Exception as exc:
                 deadlines.leave(task, False)
                 response = failure_response(request, exc)
+                # Answered: its traceback goes, and with it the cycle exception → traceback → frame → exception
+                # (a refusal a handler raises from a local or a command) that only the cyclic GC would free, with
+                # every object those frames hold (stop-the-world pauses of 25-50 ms every ~0.3 s in the redemption
+                # process under refusals, measured; tests/test_no_cycles.py).
+                exc.__traceback__ = None
             except BaseException:
                 deadlines.leave(task, False)
                 raise

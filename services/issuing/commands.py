@@ -294,7 +294,7 @@ async def write_mints(conn: asyncpg.Connection, commands: list[MintCommand], *, 
         try:
             domain.check_programs(programs, c.vouchers, batch=c.batch)
         except ServiceError as refusal:
-            c.refusal = refusal
+            c.refusal = refusal.with_traceback(None)  # kept without this frame: no cycle through the batch
     deciding = [c for c in live if c.refusal is None]
     # Enterprise usage is read (and locked) only where a cap decides something: the budgets with one that exist (a
     # command on a missing budget is refused before its cap counts). Uncapped usage is only added to, below: under

@@ -293,7 +293,7 @@ def decide(budgets: dict[BudgetKey, BudgetState], usage: dict[UsageKey, int],
             check_budgets_cover(budgets, need)
             check_enterprise_caps(budgets, usage, need_usage)
         except ServiceError as refusal:
-            outcomes.append(refusal)
+            outcomes.append(refusal.with_traceback(None))  # kept without this frame: no cycle through it
             continue
         for key, amount in need.items():
             budgets[key].committed += amount
