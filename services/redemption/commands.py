@@ -354,7 +354,7 @@ async def write_redemptions(conn: asyncpg.Connection, commands: list[RedeemComma
                                invoice_claimed=ikey is None or (ikey in claimed_invoices and ikey not in holder),
                                now=c.now)
         except ServiceError as refusal:
-            c.refusal = refusal.with_traceback(None)  # kept without this frame: no cycle through the batch (below)
+            c.refusal = refusal.with_traceback(None)  # kept without this frame: no cycle through the batch
             refused += 1
             continue
         spent[voucher_id] = spent.get(voucher_id, 0) + amount
