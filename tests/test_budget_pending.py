@@ -254,3 +254,40 @@ def test_a_range_replay_matches_as_one_process_does(records):
     one = outcome_of(history_of(records), balance)
     for split in range(len(records) + 1):
         assert outcome_of(history_of(records, split), balance) == one, split
+
+
+def test_a_voucher_carried_twice_is_bound_by_its_sum():
+    # A voucher's expiry carries 40 into the next year's budget and a refund after it 30 more (its own VoucherExpired,
+    # with refund_id); the issuing side applied both in one consumer batch: ONE BudgetCarried of 70 (Settlement sums
+    # a voucher's events). In every order the log may hold them, the step is bound to the two movements together.
+    nxt = "wuxi:2027"
+    first, second = Move(CARRY, 40, "c", 10), Move(CARRY, 30, "c", 12)
+    step = Step(1, 70, 0, 70, 0, 11, CARRY)
+    for order in itertools.permutations([("move", first), ("move", second), ("step", step)]):
+        history = History()
+        for what, r in order:
+            (history.move if what == "move" else history.add)(nxt, r)
+        assert history.finish({f"budget:{nxt}": 70}, set()) == [], order
+        assert history.pending_count == 0, order
+    # Read before the refund's movement is journaled: the first is pending and the step unexplained so far, a warning.
+    history = History()
+    history.move(nxt, first)
+    history.add(nxt, step)
+    warnings = history.finish({f"budget:{nxt}": 40 + 70 - 70 + 0}, set())
+    assert history.pending_count == 2 and "1 BudgetCarried step(s)" in " ".join(warnings), warnings
+    # Another voucher's carry does not make up the sum: against 40 (c) and 30 (d) the step stays unbound, pending
+    # (c's may be the first of several that it sums, the rest not journaled yet), as a return's does.
+    history = History()
+    history.move(nxt, first)
+    history.move(nxt, Move(CARRY, 30, "d", 12))
+    history.add(nxt, step)
+    assert history.finish({f"budget:{nxt}": 70}, set()) and history.pending_count == 3
+    # A step no voucher's pending movements can sum to (each larger) is named.
+    history = History()
+    history.move(nxt, Move(CARRY, 80, "c", 10))
+    history.add(nxt, step)
+    with pytest.raises(verify.VerificationFailed) as failed:
+        history.finish({f"budget:{nxt}": 80}, set())
+    assert str(failed.value).startswith(
+        "entry 11 (BudgetCarried): budget:wuxi:2027 step 1 carries 70, but no VoucherExpired into budget:wuxi:2027 "
+        "moved 70; entry 10 (VoucherExpired) moved 80 from voucher:c into it"), str(failed.value)

@@ -23,9 +23,9 @@ and the issuing side's step follows on its own entry (BudgetReturned of B, `retu
 journaled in either order, and possibly not yet. The signed step does not name its voucher (leaf v2's `budget` has no
 voucher id), so a step is bound to its movement by what both say: the budget, the kind (return or carry) and the
 amount. In log order, each movement takes the earliest step of its budget, kind and amount still without a movement,
-and each step the earliest such movement; a return step that matches no single movement may also take all the
-movements of one voucher still without a step, when they add up to it (the issuing side sums the VoucherFrozen
-entries of one voucher that it applies together). What is left is *pending*: a movement whose step is not journaled
+and each step the earliest such movement; a step that matches no single movement may also take all the movements of
+its kind of one voucher still without a step, when they add up to it (the issuing side sums what one voucher's
+events that it applies together moved: several VoucherFrozen, or an expiry's VoucherExpired and a later refund's). What is left is *pending*: a movement whose step is not journaled
 yet (the common case on a busy ledger) or a step whose movement is not journaled yet (the ledger's redemption
 topic behind its issuing topic). Every step is applied to its budget either way.
 
@@ -39,9 +39,8 @@ was minted less returned. A budget account with no step ends at its pending move
 budget before that budget's first step, BudgetCarried, is journaled). Pending returns and carries are a warning, with
 their count and the first entries; a settled ledger has none. A budget that ends with both a return step and a
 return movement pending (or a carry step and a carry movement) fails, naming the first such step and movement: a
-step whose amount is not what its movement moved leaves exactly that. Not a return step larger than one voucher's
-pending movements (together): those may be the first of several VoucherFrozen that step sums, the rest not journaled
-yet. What cannot be told apart without the voucher in the step: two unrelated returns (or carries) of one budget,
+step whose amount is not what its movement moved leaves exactly that. Not a step larger than one voucher's pending
+movements (together): those may be the first of several that step sums, the rest not journaled yet. What cannot be told apart without the voucher in the step: two unrelated returns (or carries) of one budget,
 each half journaled at the moment the log was read, the step of one and the movement of the other; that fails
 too, and a later run, the ledger settled, passes.
 
@@ -193,7 +192,7 @@ class History:
             p.take_step(next(iter(same.values())), m.amount)
             return
         mine = p.by_voucher.get(m.voucher)
-        if m.kind == RETURN and mine:  # the last of several VoucherFrozen of one voucher, summed by one step?
+        if mine:  # the last of several movements of one voucher, summed by one step?
             total = m.amount + sum(x.amount for x in mine.values())
             same = p.steps.get(total)
             if same:
@@ -215,20 +214,21 @@ class History:
         if same:
             p.take_move(next(iter(same.values())))
             return
-        if s.kind == RETURN:  # several VoucherFrozen of one voucher, applied together by the issuing side?
-            for mine in p.by_voucher.values():
-                if len(mine) < 2:
-                    continue
-                total, run = 0, []
-                for x in mine.values():
-                    total += x.amount
-                    run.append(x)
-                    if total >= amount:
-                        break
-                if total == amount and len(run) > 1:
-                    for x in run:
-                        p.take_move(x)
-                    return
+        # Several movements of one voucher (VoucherFrozen; an expiry's VoucherExpired and a later refund's), applied
+        # together by the issuing side as one step?
+        for mine in p.by_voucher.values():
+            if len(mine) < 2:
+                continue
+            total, run = 0, []
+            for x in mine.values():
+                total += x.amount
+                run.append(x)
+                if total >= amount:
+                    break
+            if total == amount and len(run) > 1:
+                for x in run:
+                    p.take_move(x)
+                return
         p.steps.setdefault(amount, {})[s.entry] = s
 
     def absorb(self, records: list[tuple[str, Record]], unreplayable: set[str], carries_unreplayable: bool) -> None:
@@ -291,13 +291,11 @@ class History:
             steps += [(cy, x) for x in theirs]
             pending_in[cy] = pending_in.get(cy, 0) + sum(m.amount for m in mine)
             pending_out[cy] = pending_out.get(cy, 0) + sum(moved(x) for x in theirs)
-            if kind == RETURN:  # a step larger than one voucher's pending movements may be their sum, in part
-                totals: dict[str, int] = {}
-                for m in mine:
-                    totals[m.voucher] = totals.get(m.voucher, 0) + m.amount
-                theirs_unexplained = [x for x in theirs if all(t > moved(x) for t in totals.values())]
-            else:
-                theirs_unexplained = theirs
+            # A step larger than one voucher's pending movements may be their sum, in part.
+            totals: dict[str, int] = {}
+            for m in mine:
+                totals[m.voucher] = totals.get(m.voucher, 0) + m.amount
+            theirs_unexplained = [x for x in theirs if all(t > moved(x) for t in totals.values())]
             if mine and theirs_unexplained:
                 x, m = theirs_unexplained[0], mine[0]
                 what, verb = ("returns", "returned") if kind == RETURN else ("carries", "carried")
