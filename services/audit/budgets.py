@@ -25,9 +25,10 @@ voucher id), so a step is bound to its movement by what both say: the budget, th
 amount. In log order, each movement takes the earliest step of its budget, kind and amount still without a movement,
 and each step the earliest such movement; a step that matches no single movement may also take all the movements of
 its kind of one voucher still without a step, when they add up to it (the issuing side sums what one voucher's
-events that it applies together moved: several VoucherFrozen, or an expiry's VoucherExpired and a later refund's). What is left is *pending*: a movement whose step is not journaled
-yet (the common case on a busy ledger) or a step whose movement is not journaled yet (the ledger's redemption
-topic behind its issuing topic). Every step is applied to its budget either way.
+events that it applies together moved: several VoucherFrozen, or an expiry's VoucherExpired and a later refund's).
+What is left is *pending*: a movement whose step is not journaled yet (the common case on a busy ledger) or a step
+whose movement is not journaled yet (the ledger's redemption topic behind its issuing topic). Every step is applied
+to its budget either way.
 
 At the end, a budget's steps run 1..N with no gap, and its last step agrees with its account:
 
@@ -40,9 +41,10 @@ budget before that budget's first step, BudgetCarried, is journaled). Pending re
 their count and the first entries; a settled ledger has none. A budget that ends with both a return step and a
 return movement pending (or a carry step and a carry movement) fails, naming the first such step and movement: a
 step whose amount is not what its movement moved leaves exactly that. Not a step larger than one voucher's pending
-movements (together): those may be the first of several that step sums, the rest not journaled yet. What cannot be told apart without the voucher in the step: two unrelated returns (or carries) of one budget,
-each half journaled at the moment the log was read, the step of one and the movement of the other; that fails
-too, and a later run, the ledger settled, passes.
+movements (together): those may be the first of several that step sums, the rest not journaled yet. What cannot be
+told apart without the voucher in the step: two unrelated returns (or carries) of one budget, each half journaled at
+the moment the log was read, the step of one and the movement of the other; that fails too, and a later run, the
+ledger settled, passes.
 
 A budget whose history began before budget steps (a BudgetSet or mint entry of it without a step, or any BudgetCarried
 without one, for the budgets that received carries) cannot be replayed: it is named in a warning, not checked.
