@@ -33,6 +33,7 @@ readonly PROBE_TIMEOUT_S=20            # one BrokerApiVersionsCommand run
 readonly STOP_TIMEOUT_S=30             # SIGTERM grace period before SIGKILL
 readonly FETCH_TIMEOUT_S=600           # mvn jar download
 readonly LOCK_TIMEOUT_S=720            # waiting for a concurrent `start` to finish
+readonly EXEC_TIMEOUT_S=10             # a launched node's fork until it is the JVM
 readonly HEAP_OPTS="-Xms512m -Xmx1g"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -435,7 +436,15 @@ cl_launch() {
     -Dlog4j2.configurationFile="$LOG4J_CONFIG" -Dkafka.logs.dir="$CL_DIR/logs" \
     -cp "$LIBS_DIR/*" "$MAIN_CLASS" "$(cl_props "$id")" \
     >>"$(cl_log "$id")" 2>&1 </dev/null 8>&- &
-  echo "$!" > "$(cl_pidfile "$id")"
+  local pid="$!"
+  echo "$pid" > "$(cl_pidfile "$id")"
+  # Until the fork has exec'd the JVM, its command line is still this
+  # script's, and cl_live_pid would call the node dead (a loaded machine
+  # showed that window to the first readiness check).
+  local deadline=$(( SECONDS + EXEC_TIMEOUT_S ))
+  while ! cl_live_pid "$id" >/dev/null && pid_alive "$pid" && (( SECONDS < deadline )); do
+    sleep 0.1
+  done
 }
 
 # Every node answers: the (re)started ones logged their start after their
