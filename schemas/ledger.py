@@ -57,6 +57,7 @@ class EntryBudget(msgspec.Struct, kw_only=True, omit_defaults=True):
     committed: Total
     carried: Total | None = None
     returned: Total | None = None
+    voucher: Uuid | None = None  # on a carry or a return: the voucher whose value moved (absent on older entries)
 
 
 class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):

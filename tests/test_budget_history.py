@@ -9,6 +9,7 @@ checkpoints re-signed) whose step does not follow from its entry, skips a number
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 
@@ -85,12 +86,19 @@ async def test_a_revocations_return_and_a_carry_are_steps_of_their_budgets(stack
                                               "BudgetReturned"]
     returned = this_year[-1]
     assert returned["postings"] == [] and returned["budget"]["returned"] == 2_000
+    # The step names the voucher whose value came back (the auditor binds it to that voucher's VoucherFrozen), and
+    # only the return and the carry do.
+    assert returned["budget"]["voucher"] == revoked["voucher_id"]
+    assert all("voucher" not in e["budget"] for e in this_year[:-1])
     assert (returned["budget"]["seq"], returned["budget"]["amount"], returned["budget"]["committed"]) == \
         (5, 100_000, 4_000)
     # The expired voucher's value raised next year's budget (created by the carry): its step 1.
     carried = [e for e in steps if e["budget"]["year"] == w.year + 1]
     assert [(e["type"], e["budget"]["seq"], e["budget"]["amount"], e["budget"]["committed"], e["budget"]["carried"])
             for e in carried] == [("BudgetCarried", 1, 3_000, 0, 3_000)]
+    assert carried[0]["budget"]["voucher"] == expiring["voucher_id"]
+    leaf = base64.b64decode(returned["leaf"])
+    assert f',"seq":5,"voucher":"{revoked["voucher_id"]}","year":{w.year}}},'.encode() in leaf, leaf
     assert (await w.budget())["committed"] == 4_000
 
 

@@ -310,6 +310,24 @@ def test_a_carry_posts_to_the_next_years_budget_of_the_same_program_and_adds_to_
         assert available + lapsed + row.carried_out == row.budget - row.issued + row.revoked + row.expired
         assert row.outstanding == row.issued - row.redeemed + row.refunded - row.revoked - row.expired
     assert batch.homes == {VOUCHER: domain.CityYear(CITY, YEAR, MODEL)}, "BudgetCarried gives no voucher a home"
+    # With its budget step (budget history), the step names the voucher whose value it carried, in sorted key order.
+    entry = domain.journal_entry(0, with_data(budget_carried(500), budget_seq=1))
+    step = domain.leaf_budget(entry.leaf)
+    assert (step.carried, step.voucher, step.year, step.seq) == (500, VOUCHER, YEAR + 1, 1)
+    assert f'"seq":1,"voucher":"{VOUCHER}","year":{YEAR + 1}}}'.encode() in entry.leaf
+
+
+def test_a_leaf_v2_names_a_voucher_only_on_a_carry_or_a_return():
+    posting = [Posting(account=BUDGET, debit=5, credit=0), Posting(account=VOUCHER_ACCOUNT, debit=0, credit=5)]
+    base = dict(amount=10, city="wuxi", committed=5, program="default", seq=2, year=2026)
+    with pytest.raises(ValueError, match="names a voucher only when it carries or returns"):
+        domain.leaf_v2(0, EXAMPLE_EVENT_ID, "VoucherMinted", AT, posting, domain.LeafBudget(**base, voucher=VOUCHER))
+    with pytest.raises(ValueError, match="is not a lowercase UUID"):
+        domain.leaf_v2(0, EXAMPLE_EVENT_ID, "BudgetReturned", AT, [],
+                       domain.LeafBudget(**base, returned=5, voucher=VOUCHER.upper()))
+    leaf = domain.leaf_v2(0, EXAMPLE_EVENT_ID, "BudgetReturned", AT, [],
+                          domain.LeafBudget(**base, returned=5, voucher=VOUCHER))
+    assert domain.leaf_budget(leaf).voucher == VOUCHER
 
 
 def test_a_voucher_of_the_last_year_cannot_carry_and_lapses():

@@ -103,6 +103,8 @@ def city_year(kind: str, city: str, program: str, year: int = YEAR) -> str:
 class Model:
     """Just enough of the ledger to make a realistic, valid log."""
 
+    name_vouchers = True  # return and carry steps name their voucher (False: as leaves written before that)
+
     def __init__(self, seed: int, cities: int, programs: bool = False):
         self.rng = random.Random(seed)
         self.programs = programs
@@ -119,8 +121,11 @@ class Model:
         self.time = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 
     def budget_step(self, city: str, program: str, year: int = YEAR, *, amount: int = 0, committed: int = 0,
-                    **extra: int) -> None:
-        """The next step of a budget: its amount and committed raised by these; set as `self.step`."""
+                    **extra: int | str) -> None:
+        """The next step of a budget: its amount and committed raised by these; set as `self.step` (a return or
+        carry names its voucher unless `name_vouchers` is false, as leaves written before `voucher` was added)."""
+        if not self.name_vouchers:
+            extra.pop("voucher", None)
         b = self.budgets.setdefault((city, program, year), [0, 0, 0])
         b[0] += 1
         b[1] += amount
@@ -211,7 +216,7 @@ class Model:
                     rep["revoked"] += left
                     rep["outstanding"] -= left
                     yield "VoucherFrozen", [(f"voucher:{vid}", left, 0), (city_year("budget", city, program), 0, left)]
-                    self.budget_step(city, program, committed=-left, returned=left)
+                    self.budget_step(city, program, committed=-left, returned=left, voucher=vid)
                     yield "BudgetReturned", []
                 elif program == CARRYING_PROGRAM:
                     rep["expired"] += left
@@ -222,7 +227,7 @@ class Model:
                     following["carried_in"] += left
                     yield "VoucherExpired", [(f"voucher:{vid}", left, 0),
                                              (city_year("budget", city, program, YEAR + 1), 0, left)]
-                    self.budget_step(city, program, YEAR + 1, amount=left, carried=left)
+                    self.budget_step(city, program, YEAR + 1, amount=left, carried=left, voucher=vid)
                     yield "BudgetCarried", []
                 else:
                     rep["expired"] += left

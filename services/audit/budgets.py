@@ -20,15 +20,22 @@ and every step has committed ≤ amount.
 A return or a carry is two entries on two topics: the value moves on the redemption side's entry (a *movement*:
 VoucherFrozen, D voucher C budget:B `returned`; a carrying VoucherExpired, D voucher C budget:B, B the next year's)
 and the issuing side's step follows on its own entry (BudgetReturned of B, `returned`; BudgetCarried of B, `carried`),
-journaled in either order, and possibly not yet. The signed step does not name its voucher (leaf v2's `budget` has no
-voucher id), so a step is bound to its movement by what both say: the budget, the kind (return or carry) and the
-amount. In log order, each movement takes the earliest step of its budget, kind and amount still without a movement,
-and each step the earliest such movement; a step that matches no single movement may also take all the movements of
-its kind of one voucher still without a step, when they add up to it (the issuing side sums what one voucher's
-events that it applies together moved: several VoucherFrozen, or an expiry's VoucherExpired and a later refund's).
+journaled in either order, and possibly not yet. The issuing side sums what one voucher's events that it applies
+together moved (several VoucherFrozen; an expiry's VoucherExpired and a later refund's) into one step, and applies
+them in the order the ledger journals them (one partition), so a step is the sum of a run of its voucher's movements:
+
+- A step that names its voucher (leaf v2's `voucher`, written since it was added) takes that voucher's earliest
+  movements of its kind still without a step, in log order, until they add up to it; those not journaled yet pay
+  what it still owes as they come. A movement that is more than what its voucher's step still owes fails, naming
+  the step and the movement. Such a step is never mistaken for another voucher's.
+- A step written before (no `voucher`) is bound by what both say: the budget, the kind and the amount. In log order,
+  each movement takes the earliest such step of its budget, kind and amount still without a movement, and each step
+  the earliest such movement; a step that matches no single movement may also take all the movements of its kind of
+  one voucher still without a step, when they add up to it.
+
 What is left is *pending*: a movement whose step is not journaled yet (the common case on a busy ledger) or a step
-whose movement is not journaled yet (the ledger's redemption topic behind its issuing topic). Every step is applied
-to its budget either way.
+whose movement is not journaled yet (the ledger's redemption topic behind its issuing topic), or what a named step
+still owes. Every step is applied to its budget either way.
 
 At the end, a budget's steps run 1..N with no gap, and its last step agrees with its account:
 
@@ -38,13 +45,14 @@ since budget:B is credited what was set (BudgetSet), carried in (VoucherExpired,
 and debited what was minted, while the issuing side's amount is what was set plus carried in, and its committed what
 was minted less returned. A budget account with no step ends at its pending movements (a carry into a next year's
 budget before that budget's first step, BudgetCarried, is journaled). Pending returns and carries are a warning, with
-their count and the first entries; a settled ledger has none. A budget that ends with both a return step and a
-return movement pending (or a carry step and a carry movement) fails, naming the first such step and movement: a
-step whose amount is not what its movement moved leaves exactly that. Not a step larger than one voucher's pending
-movements (together): those may be the first of several that step sums, the rest not journaled yet. What cannot be
-told apart without the voucher in the step: two unrelated returns (or carries) of one budget, each half journaled at
-the moment the log was read, the step of one and the movement of the other; that fails too, and a later run, the
-ledger settled, passes.
+their count and the first entries; a settled ledger has none. Of the steps without `voucher`: a budget that ends with
+both a return step and a return movement pending (or a carry step and a carry movement) fails, naming the first such
+step and movement: a step whose amount is not what its movement moved leaves exactly that. Not a step larger than one
+voucher's pending movements (together): those may be the first of several that step sums, the rest not journaled
+yet. What cannot be told apart without the voucher in the step: two unrelated returns (or carries) of one budget,
+each half journaled at the moment the log was read, the step of one and the movement of the other; that fails too,
+and a later run, the ledger settled, passes. A named step larger than all its voucher's movements stays pending (what
+it owes may still come), as a warning.
 
 A budget whose history began before budget steps (a BudgetSet or mint entry of it without a step, or any BudgetCarried
 without one, for the budgets that received carries) cannot be replayed: it is named in a warning, not checked.
@@ -81,6 +89,7 @@ class Step(NamedTuple):
     d_committed: int
     entry: int
     kind: int
+    voucher: str | None = None  # a return's or carry's voucher, when its leaf names it (leaf v2's `voucher`)
 
 
 class Move(NamedTuple):
@@ -97,12 +106,21 @@ Record = Union[Step, Move]
 
 
 @dataclass
+class _Owed:
+    """A step that names its voucher, journaled before all of the movements it sums: `left` is still to come."""
+
+    step: Step
+    left: int
+
+
+@dataclass
 class _Pending:
     """One budget's returns (or carries) whose movement or step is not journaled yet (see the module docstring)."""
 
     moves: dict[int, dict[int, Move]] = field(default_factory=dict)       # amount -> entry -> move, in log order
     by_voucher: dict[str, dict[int, Move]] = field(default_factory=dict)  # voucher -> entry -> move, in log order
     steps: dict[int, dict[int, Step]] = field(default_factory=dict)       # amount -> entry -> step, in log order
+    owed: dict[str, list[_Owed]] = field(default_factory=dict)           # voucher -> its steps still owed, in order
 
     def take_move(self, m: Move) -> None:
         same = self.moves[m.amount]
@@ -124,7 +142,11 @@ class _Pending:
         return sorted((m for same in self.moves.values() for m in same.values()), key=lambda m: m.entry)
 
     def all_steps(self) -> list[Step]:
+        """The steps that do not name their voucher, still without a movement."""
         return sorted((s for same in self.steps.values() for s in same.values()), key=lambda s: s.entry)
+
+    def all_owed(self) -> list[_Owed]:
+        return sorted((o for mine in self.owed.values() for o in mine), key=lambda o: o.step.entry)
 
 
 def moved(s: Step) -> int:
@@ -189,6 +211,18 @@ class History:
         p = self.pending.get((cy, m.kind))
         if p is None:
             p = self.pending[(cy, m.kind)] = _Pending()
+        owed = p.owed.get(m.voucher)
+        if owed:  # the voucher's step came first: the movement pays what it still owes
+            first = owed[0]
+            if m.amount > first.left:
+                self._disagree(cy, first.step, m, first.left)
+                return
+            first.left -= m.amount
+            if not first.left:
+                del owed[0]
+                if not owed:
+                    del p.owed[m.voucher]
+            return
         same = p.steps.get(m.amount)
         if same:
             p.take_step(next(iter(same.values())), m.amount)
@@ -212,6 +246,20 @@ class History:
         p = self.pending.get((cy, s.kind))
         if p is None:
             p = self.pending[(cy, s.kind)] = _Pending()
+        if s.voucher is not None:
+            # Named: it sums its voucher's earliest movements still without a step (the issuing side applies them in
+            # the order the ledger journals them), those journaled so far; what is left comes later (`move`).
+            left = amount
+            for x in list(p.by_voucher.get(s.voucher, {}).values()):
+                if x.amount > left:
+                    self._disagree(cy, s, x, left)
+                    return
+                p.take_move(x)
+                left -= x.amount
+                if not left:
+                    return
+            p.owed.setdefault(s.voucher, []).append(_Owed(s, left))
+            return
         same = p.moves.get(amount)
         if same:
             p.take_move(next(iter(same.values())))
@@ -232,6 +280,17 @@ class History:
                     p.take_move(x)
                 return
         p.steps.setdefault(amount, {})[s.entry] = s
+
+    def _disagree(self, cy: str, s: Step, m: Move, left: int) -> None:
+        """A step that names its voucher, and a movement of that voucher that overshoots what the step has left."""
+        what = "returns" if s.kind == RETURN else "carries"
+        bound = moved(s) - left
+        self.problems.append(VerificationFailed(
+            f"entry {s.entry} ({KINDS[s.kind]}): budget:{cy} step {s.seq} {what} {moved(s)} of voucher:{s.voucher}, "
+            f"but that voucher's {MOVEMENTS[s.kind]} entries into budget:{cy} do not add up to it: "
+            + (f"{bound} of it is what earlier ones moved, and " if bound else "")
+            + f"entry {m.entry} ({MOVEMENTS[s.kind]}) moved {m.amount}, more than the {left} left: the step and its "
+              f"movements disagree on the amount", (max(s.entry, m.entry), 1)))
 
     def absorb(self, records: list[tuple[str, Record]], unreplayable: set[str], carries_unreplayable: bool) -> None:
         """A range's steps, movements and what it found unreplayable, after this History's own (the range
@@ -288,11 +347,11 @@ class History:
         for (cy, kind), p in sorted(self.pending.items()):
             if cy in skipped:
                 continue
-            mine, theirs = p.all_moves(), p.all_steps()
+            mine, theirs, owed = p.all_moves(), p.all_steps(), p.all_owed()
             moves += [(cy, m) for m in mine]
-            steps += [(cy, x) for x in theirs]
+            steps += [(cy, x) for x in sorted([*theirs, *(o.step for o in owed)], key=lambda x: x.entry)]
             pending_in[cy] = pending_in.get(cy, 0) + sum(m.amount for m in mine)
-            pending_out[cy] = pending_out.get(cy, 0) + sum(moved(x) for x in theirs)
+            pending_out[cy] = pending_out.get(cy, 0) + sum(moved(x) for x in theirs) + sum(o.left for o in owed)
             # A step larger than one voucher's pending movements may be their sum, in part.
             totals: dict[str, int] = {}
             for m in mine:

@@ -12,9 +12,10 @@ UUID, A an account of the chart, Y an event type name, integers in plain decimal
 budget (served with a `budget` object) has leaf v2, the same object with the step first:
 
     leaf = b"cvl-leaf-v2\\n" ‖ {"budget":B,"event_id":E,...as v1...}
-    B    = {"amount":A,"carried":X,"city":C,"committed":M,"program":G,"returned":R,"seq":S,"year":V}
+    B    = {"amount":A,"carried":X,"city":C,"committed":M,"program":G,"returned":R,"seq":S,"voucher":U,"year":V}
 
-(X only on a BudgetCarried, R only on a BudgetReturned; G spelled out even when it is `default`).
+(X only on a BudgetCarried, R only on a BudgetReturned; U, the voucher whose value moved, only on those two and not on
+those written before it was added; G spelled out even when it is `default`).
 
 Checks 1 and 2 of verify.py (order, leaf) look at one entry at a time: `check_leaves` runs them over a block and
 also hashes the block's Merkle subtrees. Check 3 (balance) is made where the postings are added up (replay.py,
@@ -50,7 +51,8 @@ _LEAF_POSTING: Final = rf'\{{"account":"{_ACCOUNT}","credit":{_INT},"debit":{_IN
 _LEAF_BODY: Final = (rf'"event_id":"{_UUID}","index":{_INT},"occurred_at":"{_TIME}",'
                      rf'"postings":\[(?:{_LEAF_POSTING}(?:,{_LEAF_POSTING})*)?\],"type":"{_TYPE}"\}}')
 _LEAF_BUDGET: Final = (rf'\{{"amount":{_INT},(?:"carried":{_INT},)?"city":"{_ID}","committed":{_INT},'
-                       rf'"program":"{_ID}",(?:"returned":{_INT},)?"seq":{_INT},"year":{_YEAR}\}}')
+                       rf'"program":"{_ID}",(?:"returned":{_INT},)?"seq":{_INT},(?:"voucher":"{_UUID}",)?'
+                       rf'"year":{_YEAR}\}}')
 # Every leaf must match one of these whole: the field formats of leaf v1 (v2), which comparing the bytes with the
 # re-encoded fields does not check (the fields could be malformed alike).
 LEAF_V1_RE: Final = re.compile((r"cvl-leaf-v1\n\{" + _LEAF_BODY).encode())
@@ -93,6 +95,7 @@ class Budget(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     program: str
     returned: int | None = None
     seq: int
+    voucher: str | None = None
     year: int
 
 

@@ -685,7 +685,8 @@ class Replay:
         if kind is None:
             raise VerificationFailed(f"{where}: records a step of a budget, but a {t} changes no budget", (n, 1))
         cy = cy_of_report(b.city, b.year, b.program)
-        if (b.returned is not None) != (t == "BudgetReturned") or (b.carried is not None) != (t == "BudgetCarried"):
+        if (b.returned is not None) != (t == "BudgetReturned") or (b.carried is not None) != (t == "BudgetCarried") \
+                or (b.voucher is not None and kind < RETURN):
             raise VerificationFailed(f"{where}: its budget step should say what was "
                                      + ("returned" if t == "BudgetReturned" else "carried" if t == "BudgetCarried"
                                         else "moved by its postings, and nothing else"), (n, 1))
@@ -703,7 +704,7 @@ class Replay:
                 d_amount = sum(p.credit - p.debit for p in moved)
             else:
                 d_committed = moved[0].debit if moved else 0
-        self.history.add(cy, Step(b.seq, b.amount, b.committed, d_amount, d_committed, n, kind))
+        self.history.add(cy, Step(b.seq, b.amount, b.committed, d_amount, d_committed, n, kind, b.voucher))
 
     # --- ranges ---
 

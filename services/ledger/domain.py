@@ -651,6 +651,7 @@ class LeafBudget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     program: str
     returned: int | None = None
     seq: int
+    voucher: str | None = None  # on a BudgetCarried or BudgetReturned: the voucher whose value moved
     year: int
 
 
@@ -669,9 +670,9 @@ def budget_step(event: ev.Event) -> LeafBudget | None:
         case ev.BudgetSet(data=d) | ev.VoucherMinted(data=d) | ev.VouchersMinted(data=d):
             extra = {}
         case ev.BudgetCarried(data=d):
-            extra = {"carried": d.amount}
+            extra = {"carried": d.amount, "voucher": d.voucher_id}
         case ev.BudgetReturned(data=d):
-            extra = {"returned": d.amount}
+            extra = {"returned": d.amount, "voucher": d.voucher_id}
         case _:
             return None
     if d.budget_seq is None:
@@ -690,13 +691,16 @@ def leaf_v2(index: int, event_id: str, type: str, occurred_at: dt.datetime, post
     leaf = b"cvl-leaf-v2\\n" ‖ JSON, where JSON is the UTF-8 object
 
         {"budget":B,"event_id":E,"index":I,"occurred_at":T,"postings":[P,...],"type":Y}
-        B = {"amount":A,"carried":X,"city":C,"committed":M,"program":G,"returned":R,"seq":S,"year":V}
+        B = {"amount":A,"carried":X,"city":C,"committed":M,"program":G,"returned":R,"seq":S,"voucher":U,"year":V}
 
     - E, I, T, P, Y as in leaf v1 (`leaf_v1`); keys sorted at every level, no whitespace;
     - C: the city id, G: the program id, spelled out even when it is `default` (both [a-z0-9-] only), V: the year;
     - S: the budget's step (1, 2, 3... per (city, program, year)); A and M: the budget's amount and committed after
       the step; X (only on a BudgetCarried): what the carry raised the amount by; R (only on a BudgetReturned): what
       came back (committed fell by it); the key is absent on every other entry;
+    - U (only on a BudgetCarried or a BudgetReturned, and absent on those written before it was added): the id of
+      the voucher whose value the step carried or returned (a lowercase UUID), so an auditor binds the step to that
+      voucher's VoucherExpired or VoucherFrozen entries exactly;
     - integers in plain decimal, as in leaf v1.
 
     Example: the mint of leaf v1's example, the budget's 7th step (wrapped at the "\\"):
@@ -721,6 +725,10 @@ def leaf_v2(index: int, event_id: str, type: str, occurred_at: dt.datetime, post
             raise ValueError(f"budget {name} {value!r} must be an integer in 0..{BIGINT_MAX}")
     if step.seq < 1:
         raise ValueError(f"budget seq {step.seq} must be 1 or more")
+    if step.voucher is not None and (not isinstance(step.voucher, str) or not _UUID_RE.match(step.voucher)):
+        raise ValueError(f"budget voucher {step.voucher!r} is not a lowercase UUID")
+    if step.voucher is not None and step.carried is None and step.returned is None:
+        raise ValueError("a budget step names a voucher only when it carries or returns its value")
     body = msgspec.json.decode(v1[len(LEAF_V1_PREFIX):], type=LeafV1)
     return LEAF_V2_PREFIX + _leaf_encoder.encode(LeafV2(
         budget=step, event_id=body.event_id, index=body.index, occurred_at=body.occurred_at, postings=body.postings,

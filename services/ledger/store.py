@@ -256,7 +256,8 @@ def budget_view(leaf: bytes) -> EntryBudget | None:
     if step is None:
         return None
     return EntryBudget(city=step.city, program=step.program, year=step.year, seq=step.seq, amount=step.amount,
-                       committed=step.committed, carried=step.carried, returned=step.returned)
+                       committed=step.committed, carried=step.carried, returned=step.returned,
+                       voucher=step.voucher)
 
 
 def checkpoint_view(row: asyncpg.Record) -> CheckpointView:
