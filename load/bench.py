@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -683,6 +684,27 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+async def _main_until_terminated(args: argparse.Namespace) -> int:
+    """`main`, cancelled by SIGTERM as by Ctrl-C (so its `finally` stops the stack's processes and drops its
+    database: a bench stopped by `timeout` must not leave its services running); 143 when it was."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await main(args)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("bench: terminated (SIGTERM); its processes stopped and its database dropped", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)
-    raise SystemExit(asyncio.run(main(parse())))
+    raise SystemExit(asyncio.run(_main_until_terminated(parse())))
