@@ -41,6 +41,7 @@ from typing import Awaitable, Callable, Final
 import aiohttp
 import msgspec
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from load import entries_bench
 from load.cpu import CpuMeter, Snapshot, per_unit_us
@@ -171,6 +172,74 @@ def probe_summary(delays: list[float], **extra) -> dict:
             "max_ms": round(max(delays) * 1000, 1) if delays else None, **extra}
 
 
+# Each probe's mint entry, as the ledger journaled it: its event's occurred_at (the issuing commit) and appended_at
+# (the start of the ledger transaction that journaled it).
+PROBE_ENTRIES_SQL: Final = """
+SELECT substr(p.account, 9) AS voucher_id, j.occurred_at, j.appended_at
+FROM ledger.postings p JOIN ledger.journal j ON j.index = p.entry_index
+WHERE p.account = ANY($1::text[]) AND j.type = 'VoucherMinted'"""
+
+
+RELAY_DELAY_METRIC: Final = "cvl_outbox_publish_delay_seconds"
+
+
+async def relay_delay_buckets(client: "Client", url: str) -> dict[float, float]:
+    """The issuing relay's publish-delay histogram now (cumulative count per upper bound), from its /metrics."""
+    async with client.session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    return {float(sample.labels["le"]): sample.value
+            for family in text_string_to_metric_families(text) if family.name == RELAY_DELAY_METRIC
+            for sample in family.samples if sample.name == RELAY_DELAY_METRIC + "_bucket"}
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """Prometheus's histogram_quantile over the observations between two scrapes (linear within a bucket)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+async def probe_stages(dsn: str, seen: list[tuple[str, float, float]]) -> dict:
+    """Where the probes' time went (`seen`: voucher id, ack and first answer as wall-clock seconds): from the issuing
+    commit (the event's occurred_at) to the start of the ledger transaction that journaled it (the relay's round
+    spacing and Kafka transaction, the consumer's fetch, waiting for the ledger's transaction before), then to the
+    first 200 (that transaction, its commit, the probe's next poll). p50 and p99 of each, and the slowest probe's."""
+    if not seen:
+        return {}
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = {r["voucher_id"]: r for r in await conn.fetch(PROBE_ENTRIES_SQL, [f"voucher:{v}" for v, _, _ in seen])}
+    finally:
+        await conn.close()
+    stages = []  # (total, commit -> ledger transaction, -> seen)
+    for voucher_id, acked, answered in seen:
+        if (r := rows.get(voucher_id)) is None:
+            continue
+        committed, appended = r["occurred_at"].timestamp(), r["appended_at"].timestamp()
+        stages.append((answered - acked, appended - committed, answered - appended))
+    if not stages:
+        return {}
+    slowest = max(stages)
+
+    def ms(x: float) -> float:
+        return round(x * 1000, 1)
+    return {"commit_to_ledger_txn_ms": {"p50": ms(pct([s[1] for s in stages], 0.50)),
+                                        "p99": ms(pct([s[1] for s in stages], 0.99))},
+            "ledger_txn_to_seen_ms": {"p50": ms(pct([s[2] for s in stages], 0.50)),
+                                      "p99": ms(pct([s[2] for s in stages], 0.99))},
+            "slowest_ms": {"total": ms(slowest[0]), "commit_to_ledger_txn": ms(slowest[1]),
+                           "ledger_txn_to_seen": ms(slowest[2])}}
+
+
 class Prober:
     """During a load phase: mint one voucher every `interval` (one probe mint in flight at a time), then time
     acknowledgement → the ledger has its account, each probe polling on its own."""
@@ -178,6 +247,7 @@ class Prober:
     def __init__(self, w: World, interval: float):
         self.w, self.interval = w, interval
         self.delays: list[float] = []
+        self.seen: list[tuple[str, float, float]] = []  # (voucher id, acked, first answer), wall-clock seconds
         self.timeouts = 0
         self.minted = 0
         self.refused: dict[str, int] = {}
@@ -193,7 +263,8 @@ class Prober:
                 self.minted += 1
                 self.w.acked_fen += PROBE_MINT_FEN
                 self.w.vouchers += 1
-                self._polls.append(asyncio.create_task(self._until_ledger(body["voucher_id"], time.perf_counter())))
+                self._polls.append(asyncio.create_task(self._until_ledger(body["voucher_id"], time.perf_counter(),
+                                                                          time.time())))
             else:
                 self.refused[str(status)] = self.refused.get(str(status), 0) + 1
             try:
@@ -201,12 +272,13 @@ class Prober:
             except TimeoutError:
                 pass
 
-    async def _until_ledger(self, voucher_id: str, acked: float) -> None:
+    async def _until_ledger(self, voucher_id: str, acked: float, acked_wall: float) -> None:
         delay = await self.w.until_in_ledger(voucher_id, acked)
         if delay is None:
             self.timeouts += 1
         else:
             self.delays.append(delay)
+            self.seen.append((voucher_id, acked_wall, acked_wall + delay))
 
     async def stop_minting(self) -> None:
         self._stop.set()
@@ -215,7 +287,8 @@ class Prober:
     async def finish(self) -> dict:
         await self.stop_minting()
         await asyncio.gather(*self._polls)
-        return probe_summary(self.delays, timeouts=self.timeouts, refused_mints=self.refused)
+        return probe_summary(self.delays, timeouts=self.timeouts, refused_mints=self.refused,
+                             stages=await probe_stages(self.w.stack.dsn, self.seen))
 
 
 class Window:
@@ -228,6 +301,7 @@ class Window:
     async def __aenter__(self) -> "Window":
         self.committed_before = await self.w.committed()
         self.cpu_before: Snapshot = self.w.cpu.sample()
+        self.relay_before = await relay_delay_buckets(self.w.client, self.w.issuing_urls[0])
         self.prober = Prober(self.w, BENCH_PROBE_INTERVAL_S)
         return self
 
@@ -252,6 +326,12 @@ class Window:
         behind = await poll(caught_up, self.ended, BENCH_LEDGER_WAIT_S)
         probes = await self.prober.finish()
         cpu = CpuMeter.delta(self.cpu_before, self.w.cpu.sample())
+        # The relay's part of commit -> ledger transaction: the first issuing process's rounds during the window,
+        # each observed for its oldest row (so a round's worst case, probes and load alike).
+        relay_after = await relay_delay_buckets(self.w.client, self.w.issuing_urls[0])
+        probes.setdefault("stages", {})["issuing_relay_round_oldest_ms"] = {
+            f"p{round(q * 100)}": (round(v * 1000, 1) if (v := histogram_quantile(q, self.relay_before, relay_after))
+                                   is not None else None) for q in (0.5, 0.99)}
         per_second = out["per_second"]
         out = {"phase": self.name, **out,
                "ratio_to_naive": round(per_second / self.w.naive_tps, 2) if self.w.naive_tps else None,

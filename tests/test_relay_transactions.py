@@ -11,10 +11,12 @@ import asyncio
 import collections
 import os
 import secrets
+import time
 import uuid
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common import kafka, outbox, settings
 from tests.bench_relay import OUTBOX_DDL
@@ -83,6 +85,7 @@ async def test_a_relay_after_a_crash_between_commit_and_delete_publishes_nothing
     await late.execute("INSERT INTO outbox (topic, key, event_id, type, payload) VALUES ($1, 'late', $2, 'T', 'x')",
                        topic, uuid.uuid4())
     await add_rows(conn, topic, keys)
+    written = time.time()
 
     dying = CrashAfterCommit(s, schema)
     task = asyncio.create_task(dying.run())
@@ -96,6 +99,9 @@ async def test_a_relay_after_a_crash_between_commit_and_delete_publishes_nothing
     await late.close()
 
     relay = outbox.Relay(s, schema)  # the next leader
+    delays = ("cvl_outbox_publish_delay_seconds_count", "cvl_outbox_publish_delay_seconds_sum")
+    count_before, sum_before = (REGISTRY.get_sample_value(name, {"service": s.service}) or 0.0 for name in delays)
+    started = time.time()
     task = asyncio.create_task(relay.run())
     try:
         async def drained():
@@ -104,6 +110,10 @@ async def test_a_relay_after_a_crash_between_commit_and_delete_publishes_nothing
     finally:
         await relay.stop()
         await asyncio.wait_for(task, 30)
+    # Its rounds were timed, each from its oldest row's insert: the first one's rows had waited since before the crash.
+    count_after, sum_after = (REGISTRY.get_sample_value(name, {"service": s.service}) for name in delays)
+    assert count_after > count_before
+    assert sum_after - sum_before >= started - written
     records = await read_records(s.kafka_bootstrap, topic)
     by_key = collections.Counter(r.key for r in records)
     assert set(by_key) == {k.encode() for k in keys} | {b"late"}

@@ -15,6 +15,11 @@ token_revocations = Gauge("cvl_token_revocations", "Revoked, unexpired token ids
 
 outbox_pending = Gauge("cvl_outbox_pending_rows", "Outbox rows not yet acknowledged by Kafka", ["service"])
 outbox_lag = Gauge("cvl_outbox_publish_lag_seconds", "Age of the oldest unpublished outbox row", ["service"])
+OUTBOX_DELAY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+outbox_publish_delay = Histogram("cvl_outbox_publish_delay_seconds",
+                                 "Seconds from an outbox row's insert (just before its command's commit) to the Kafka "
+                                 "commit of its relay round, observed once per round for the round's oldest row",
+                                 ["service"], buckets=OUTBOX_DELAY_BUCKETS_S)
 outbox_published = Counter("cvl_outbox_published_total", "Outbox rows acknowledged by Kafka", ["service", "topic"])
 outbox_failures = Counter("cvl_outbox_publish_failures_total", "Failed outbox publish rounds", ["service"])
 outbox_leader = Gauge("cvl_outbox_relay_leader", "1 when this process's relay holds the publishing lock", ["service"])

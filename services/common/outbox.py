@@ -48,7 +48,7 @@ COLUMNS: Final = "topic, key, event_id, type, payload"
 INSERT_SQL: Final = f"""
 INSERT INTO outbox ({COLUMNS})
 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bytea[])"""
-FETCH_SQL: Final = "SELECT id, topic, key, payload FROM outbox ORDER BY id LIMIT $1"
+FETCH_SQL: Final = "SELECT id, topic, key, payload, created_at FROM outbox ORDER BY id LIMIT $1"
 DELETE_SQL: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 PENDING_SQL: Final = "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM outbox"
 LEADER_LOCK_SQL: Final = "SELECT pg_try_advisory_lock(hashtext('cvl-outbox:' || current_schema()))"
@@ -289,6 +289,10 @@ class Relay:
                 async with asyncio.timeout(OUTBOX_ABORT_TIMEOUT_S):
                     await producer.abort_transaction()
             raise
+        # The round's oldest row, from its insert (created_at: clock_timestamp(), just before its commit) to on its
+        # topic.
+        metrics.outbox_publish_delay.labels(self.settings.service).observe(
+            max(0.0, time.time() - min(row["created_at"] for row, _ in placed).timestamp()))
         await conn.execute(DELETE_SQL, [i for ids, _, _ in sent for i in ids])
         per_topic: collections.Counter[str] = collections.Counter()
         for ids, topic, _ in sent:
