@@ -1,6 +1,6 @@
 """The container's HEALTHCHECK: GET /healthz of the service this container runs (stdlib only; exit 0 healthy).
 
-The image runs one of the three services, chosen by its command (`python -m services.<name>`); the service is read
+The image runs one of the three services or our witness, chosen by its command (`python -m services.<name>`); it is read
 from PID 1's command line and its port from CVL_<NAME>_PORT (the defaults of the contract otherwise)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-DEFAULT_PORTS = {"issuing": 8081, "redemption": 8082, "ledger": 8083}
+DEFAULT_PORTS = {"issuing": 8081, "redemption": 8082, "ledger": 8083, "witness": 8084}
 PROBE_TIMEOUT = 2  # seconds; Docker's own --timeout bounds the whole check
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -26,6 +30,7 @@ DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.31.0"   # the oldest Kubernetes these manifests promise to fit
 SERVICES = ("issuing", "redemption", "ledger")
 PORTS = {"issuing": 8081, "redemption": 8082, "ledger": 8083}
+WITNESS_START_S = 30   # the witness process, until it answers GET /key
 
 
 # --- the image --------------------------------------------------------------------------------------------------
@@ -102,16 +107,75 @@ def test_compose_runs_everything_and_mounts_only_files_that_exist():
             else:
                 assert source in doc["volumes"], (name, source)
         for secret in s.get("secrets", []):
-            assert secret in doc["secrets"], (name, secret)
+            source = secret["source"] if isinstance(secret, dict) else secret
+            assert source in doc["secrets"], (name, secret)
     for service in SERVICES:
         assert services[service]["command"] == ["python", "-m", f"services.{service}"]
         env = services[service]["environment"]
         assert not any("PASSWORD" in k or "password" in str(v) for k, v in env.items()), "no secret in env"
     for secret in doc["secrets"].values():
         assert secret["file"].startswith("../.run/"), "secret files live in .run/, never in git"
+    # Our witness runs beside the ledger, which submits to it: the keys come from compose-secrets.sh, mounted where
+    # each reads its own (its run dir), and both are told of the other by witness.env; the witness keeps its state.
+    witness, ledger = services["witness"], services["ledger"]
+    assert witness["command"] == ["python", "-m", "services.witness"]
+    assert {"source": "witness_key", "target": "/var/lib/cvl/witness.key"} in witness["secrets"]
+    assert {"source": "log_key", "target": "/var/lib/cvl/log.key"} in ledger["secrets"]
+    assert doc["secrets"]["log_key"]["file"] == "../.run/compose-secrets/log.key"
+    assert witness["env_file"] == ledger["env_file"] == ["../.run/compose-secrets/witness.env"]
+    assert "witness-run:/var/lib/cvl" in witness["volumes"] and witness["ports"] == ["127.0.0.1:8084:8084"]
+    assert ledger["environment"]["CVL_LEDGER_PUBLIC_URL"].startswith("http")
+    assert "witness" in ledger["depends_on"]
+    script = (DEPLOY / "compose-secrets.sh").read_text()
+    assert "witness.env" in script and "http://witness:8084" in script
     prometheus = services["prometheus"]
     assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in prometheus["volumes"]
     assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in services["grafana"]["volumes"]
+
+
+def test_compose_secrets_makes_the_keys_once_and_the_witness_serves_with_them(tmp_path):
+    """deploy/compose-secrets.sh in a copy of the repository's layout (its own .run/), then the witness as its
+    container runs it: its key in its run dir, its log from witness.env; the ledger's key is the one witness.env
+    names."""
+    (tmp_path / "deploy").mkdir()
+    script = tmp_path / "deploy" / "compose-secrets.sh"
+    script.write_text((DEPLOY / "compose-secrets.sh").read_text())
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    secrets_dir = tmp_path / ".run" / "compose-secrets"
+    subprocess.run(["bash", str(script)], check=True, capture_output=True)
+    keys = {name: (secrets_dir / name).read_bytes() for name in ("log.key", "witness.key")}
+    for name in ("log.key", "witness.key", "pgpass", "witness.env"):
+        assert (secrets_dir / name).stat().st_mode & 0o077 == 0, name
+    subprocess.run(["bash", str(script)], check=True, capture_output=True)
+    assert {name: (secrets_dir / name).read_bytes() for name in keys} == keys, "made once, kept"
+    env = dict(line.split("=", 1) for line in (secrets_dir / "witness.env").read_text().splitlines())
+    witness_key, url = env["CVL_WITNESSES"].rsplit("=", 1)
+    assert url == "http://witness:8084"
+    run = {**os.environ, "CVL_RUN_DIR": str(secrets_dir)}
+    log_key = subprocess.run([sys.executable, "-m", "services.ledger.notes"], env=run, check=True,
+                             capture_output=True, text=True).stdout.strip()
+    assert env["CVL_WITNESS_LOG_KEYS"] == log_key
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    witness = subprocess.Popen([sys.executable, "-m", "services.witness"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env={**run, **env, "CVL_HOST": "127.0.0.1",
+                                                           "CVL_WITNESS_PORT": str(port),
+                                                           "CVL_WITNESS_STATE": str(tmp_path / "state.json")})
+    try:
+        deadline = time.monotonic() + WITNESS_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/key", timeout=2) as r:
+                    assert r.read().decode().strip() == witness_key
+                    break
+            except OSError:
+                assert witness.poll() is None, witness.stderr.read()
+                assert time.monotonic() < deadline, "the witness did not answer"
+                time.sleep(0.1)
+    finally:
+        witness.terminate()
+        witness.wait(timeout=30)
 
 
 # --- Kubernetes -------------------------------------------------------------------------------------------------

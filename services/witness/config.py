@@ -1,7 +1,8 @@
 """The witness's settings: its name and port, its state file, and the logs it witnesses with the keys it trusts.
 
     CVL_WITNESS_NAME       its key name, the name in its cosignature lines (default cvl.example/witness)
-    CVL_WITNESS_PORT       default 8084; it listens on 127.0.0.1 only
+    CVL_WITNESS_PORT       default 8084; it listens on CVL_HOST, as the services do (127.0.0.1 unless set: the image
+                           sets 0.0.0.0, inside its container)
     CVL_WITNESS_STATE      the state file (default .run/witness-state.json)
     CVL_WITNESS_LOG_KEYS   comma-separated C2SP verifier keys of the logs it witnesses (type 0x01, Ed25519); a key's
                            name is its log's origin, as in a checkpoint's first line (several keys may share an origin)
@@ -18,6 +19,7 @@ from services.common import settings
 
 NAME_DEFAULT: Final = "cvl.example/witness"
 PORT_DEFAULT: Final = 8084
+HOST_DEFAULT: Final = "127.0.0.1"
 STATE_FILE: Final = "witness-state.json"
 
 
@@ -56,4 +58,4 @@ def from_env(*, log_keys: list[str] | None = None, port: int | None = None, name
         raise ValueError(f"{len(logs)} logs, more than WITNESS_LOGS_MAX ({WITNESS_LOGS_MAX})")
     port = port if port is not None else int(os.environ.get("CVL_WITNESS_PORT", PORT_DEFAULT))
     state_path = Path(state or os.environ.get("CVL_WITNESS_STATE", run_dir / STATE_FILE))
-    return Config(name, "127.0.0.1", port, run_dir, state_path, logs)
+    return Config(name, os.environ.get("CVL_HOST", HOST_DEFAULT), port, run_dir, state_path, logs)
