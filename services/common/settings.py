@@ -83,6 +83,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 DEFAULT_PORTS: Final = {"issuing": 8081, "redemption": 8082, "ledger": 8083}
+DEFAULT_HOST: Final = "127.0.0.1"
+
+
+def host() -> str:
+    """`CVL_HOST`: the address every server of ours listens on (the services, our witness); loopback unless set."""
+    return os.environ.get("CVL_HOST", DEFAULT_HOST)
 
 
 def run_dir() -> Path:
@@ -196,7 +202,7 @@ def load(service: str) -> Settings:
                                            env.get("CVL_KAFKA_MIN_INSYNC_REPLICAS"), env.get("CVL_KAFKA_PARTITIONS"))
     return Settings(
         service=service,
-        host=env.get("CVL_HOST", "127.0.0.1"),
+        host=host(),
         port=int(env.get(f"CVL_{service.upper()}_PORT", DEFAULT_PORTS[service])),
         pg_dsn=env.get("CVL_PG_DSN", "postgresql://cvl@127.0.0.1:5432/cvl"),
         kafka_bootstrap=env.get("CVL_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),

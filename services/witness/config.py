@@ -19,7 +19,6 @@ from services.common import settings
 
 NAME_DEFAULT: Final = "cvl.example/witness"
 PORT_DEFAULT: Final = 8084
-HOST_DEFAULT: Final = "127.0.0.1"
 STATE_FILE: Final = "witness-state.json"
 
 
@@ -58,4 +57,4 @@ def from_env(*, log_keys: list[str] | None = None, port: int | None = None, name
         raise ValueError(f"{len(logs)} logs, more than WITNESS_LOGS_MAX ({WITNESS_LOGS_MAX})")
     port = port if port is not None else int(os.environ.get("CVL_WITNESS_PORT", PORT_DEFAULT))
     state_path = Path(state or os.environ.get("CVL_WITNESS_STATE", run_dir / STATE_FILE))
-    return Config(name, os.environ.get("CVL_HOST", HOST_DEFAULT), port, run_dir, state_path, logs)
+    return Config(name, settings.host(), port, run_dir, state_path, logs)
