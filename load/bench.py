@@ -246,7 +246,6 @@ class Prober:
 
     def __init__(self, w: World, interval: float):
         self.w, self.interval = w, interval
-        self.delays: list[float] = []
         self.seen: list[tuple[str, float, float]] = []  # (voucher id, acked, first answer), wall-clock seconds
         self.timeouts = 0
         self.minted = 0
@@ -277,7 +276,6 @@ class Prober:
         if delay is None:
             self.timeouts += 1
         else:
-            self.delays.append(delay)
             self.seen.append((voucher_id, acked_wall, acked_wall + delay))
 
     async def stop_minting(self) -> None:
@@ -287,7 +285,8 @@ class Prober:
     async def finish(self) -> dict:
         await self.stop_minting()
         await asyncio.gather(*self._polls)
-        return probe_summary(self.delays, timeouts=self.timeouts, refused_mints=self.refused,
+        return probe_summary([answered - acked for _, acked, answered in self.seen], timeouts=self.timeouts,
+                             refused_mints=self.refused,
                              stages=await probe_stages(self.w.stack.dsn, self.seen))
 
 
