@@ -178,7 +178,10 @@ class Stack:
         if proc.popen.poll() is None:
             proc.popen.send_signal(sig)
         rc = proc.popen.wait(STACK_EXIT_WAIT_S)
-        self.procs[proc.service].remove(proc)
+        running = self.procs[proc.service]
+        running.remove(proc)
+        if not running:  # `procs` names only services with a process (a test's extra witness, once stopped, none)
+            del self.procs[proc.service]
         return rc
 
     def stop_all(self) -> None:
